@@ -1,0 +1,16 @@
+"""The one error type every bad recipe, override or launch ends in."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """All problems found in a recipe, each naming its full dotted key and the fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        noun = "problem" if len(self.problems) == 1 else "problems"
+        return f"Recipe is not valid ({len(self.problems)} {noun}):\n{lines}"

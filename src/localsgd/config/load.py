@@ -1,0 +1,119 @@
+"""Load a recipe: YAML + ``dotted.key=value`` overrides merged onto the typed schema.
+
+OmegaConf stops at the first bad key; users fixing a recipe want every problem at once, so
+values are merged one leaf at a time and each failure is collected with its full dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from localsgd.config.errors import ConfigError
+from localsgd.config.schema import RecipeConfig
+from localsgd.config.validate import validate
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Flatten nested dicts into (dotted key, value); lists stay whole values."""
+    if isinstance(node, dict):
+        out: list[tuple[str, Any]] = []
+        for key, value in node.items():
+            out.extend(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return [(prefix, node)]
+
+
+def _known_keys(schema: DictConfig, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key in schema.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        keys.append(full)
+        child = schema._get_node(key)
+        if isinstance(child, DictConfig):
+            keys.extend(_known_keys(child, full))
+    return keys
+
+
+def _explain(key: str, value: Any, exc: Exception, known: list[str]) -> str:
+    parent, _, leaf = key.rpartition(".")
+    if key not in known and (not parent or parent in known):
+        scope = [k for k in known if k.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(key, scope, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else (
+            "valid keys here: " + ", ".join(k.rpartition(".")[2] for k in scope))
+        return f"{key}: unknown key; {hint}"
+    if key not in known:
+        return f"{key}: unknown key"
+    msg = str(exc).splitlines()[0]
+    return f"{key}: invalid value {value!r} ({msg})"
+
+
+def _merge_leaf(cfg: DictConfig, key: str, value: Any, known: list[str], errors: list[str]) -> None:
+    try:
+        OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+    except OmegaConfBaseException as exc:
+        errors.append(_explain(key, value, exc, known))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text or text.startswith("="):
+        raise ValueError(f"override '{text}' is not of the form dotted.key=value")
+    key, _, raw = text.partition("=")
+    # YAML parsing gives overrides the same typing rules as the recipe file (1e-4, true, [1,2]).
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """The validated, resolved recipe, or one ConfigError listing every problem."""
+    errors: list[str] = []
+    schema = OmegaConf.structured(RecipeConfig)
+    known = _known_keys(schema)
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"recipe file '{p}' does not exist; pass the path of a YAML file "
+                               "such as recipes/quickstart.yaml"])
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"recipe file '{p}' is not valid YAML: {exc}"]) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"recipe file '{p}' must hold a mapping of keys to values"])
+        data = loaded
+    for key, value in _leaves(data):
+        _merge_leaf(schema, key, value, known, errors)
+    for text in overrides or []:
+        try:
+            key, value = _parse_override(text)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        _merge_leaf(schema, key, value, known, errors)
+    # Leaves that failed to merge keep their defaults, so the cross-field rules can still run
+    # and the user sees every problem in one go.
+    try:
+        cfg = OmegaConf.to_object(schema)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError([*errors, f"{key}: {str(exc).splitlines()[0]}"]) from None
+    assert isinstance(cfg, RecipeConfig)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        errors.extend(exc.problems)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    """The resolved recipe as YAML (enums as their names), as saved in the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)

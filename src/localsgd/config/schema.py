@@ -1,0 +1,246 @@
+"""The typed recipe schema.
+
+Every recipe YAML is merged onto ``RecipeConfig()``; each component later receives only its
+own section (``cfg.model``, ``cfg.sync``, ...). Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class ModelName(str, Enum):
+    resnet20 = "resnet20"
+    resnet32 = "resnet32"
+    resnet44 = "resnet44"
+    resnet56 = "resnet56"
+    resnet110 = "resnet110"
+    vgg16 = "vgg16"
+    wrn28_10 = "wrn28_10"
+    densenet40_12 = "densenet40_12"
+    # A tiny convnet without BatchNorm: for smoke tests and exactness checks where
+    # per-worker batch statistics would otherwise differ from a single large batch.
+    simplecnn = "simplecnn"
+
+
+class DatasetName(str, Enum):
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+    imagefolder = "imagefolder"
+    synthetic = "synthetic"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class LRDecay(str, Enum):
+    multistep = "multistep"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Algorithm(str, Enum):
+    minibatch = "minibatch"
+    local = "local"
+    post_local = "post_local"
+    hierarchical = "hierarchical"
+
+
+class MomentumPolicy(str, Enum):
+    local = "local"
+    average = "average"
+    reset = "reset"
+
+
+class EvalModel(str, Enum):
+    averaged = "averaged"
+    local = "local"
+
+
+class EngineName(str, Enum):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.resnet20
+    """Architecture; CIFAR ResNets have depth 6n+2."""
+
+
+@dataclass
+class DataConfig:
+    name: DatasetName = DatasetName.cifar10
+    """Dataset: torchvision CIFAR-10/100, an ImageFolder tree (train/ and val/), or synthetic."""
+    root: str = "data"
+    """Directory holding the dataset (for CIFAR: the folder containing cifar-10-batches-py)."""
+    download: bool = True
+    """Try torchvision's download when the dataset is not under ``root``."""
+    batch_size: int = 128
+    """Per-worker mini-batch size B_loc; the global batch is world_size * B_loc."""
+    augment: bool = True
+    """CIFAR augmentation: pad-4 random crop and horizontal flip (normalisation is always on)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    train_subset: int | None = None
+    """Use only the first N training samples (smoke tests, quick demos)."""
+    test_subset: int | None = None
+    """Use only the first N test samples."""
+    image_size: int = 32
+    """Side length of images (synthetic data; ImageFolder images are resized to it)."""
+    synthetic_samples: int = 512
+    """Number of training samples for the synthetic dataset (test set: a quarter of it)."""
+    synthetic_classes: int = 10
+    """Number of classes of the synthetic dataset."""
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.1
+    """Learning rate per ``base_batch_size`` samples; scaled linearly with the global batch."""
+    base_batch_size: int = 64
+    """Reference batch size for ``base_lr`` (the paper: 0.1 per 64 samples)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """Use Nesterov momentum."""
+    weight_decay: float = 1e-4
+    """L2 weight decay."""
+    no_decay_bn_bias: bool = True
+    """Exempt BatchNorm parameters and biases from weight decay (the paper's setting)."""
+
+
+@dataclass
+class LRScheduleConfig:
+    warmup_epochs: float = 0.0
+    """Linear warmup from base_lr (unscaled) to the scaled LR over this many epochs."""
+    decay: LRDecay = LRDecay.multistep
+    """Decay after warmup: multistep (x gamma at each milestone), cosine to 0, or constant."""
+    milestones: list[int] = field(default_factory=list)
+    """Epochs at which multistep decay multiplies the LR by ``gamma``."""
+    gamma: float = 0.1
+    """Multistep decay factor."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Number of epochs (full passes over each worker's partition)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the sync counter counts optimizer steps."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (tests and benchmarks); None = run all epochs."""
+    log_every_steps: int = 10
+    """Write a train/* record to metrics.jsonl every N optimizer steps."""
+    eval_every_epochs: int = 1
+    """Evaluate on the test set every N epochs (and always after the last one)."""
+    target_acc: float | None = None
+    """Eval accuracy (0-1) whose first crossing is reported as time-to-accuracy."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class SyncConfig:
+    algorithm: Algorithm = Algorithm.minibatch
+    """minibatch (all-reduce gradients every step), local (average models every ``period``
+    steps), post_local (minibatch until the switch point, then local) or hierarchical."""
+    period: int = 1
+    """H: local steps between two model averages (intra-node ones for hierarchical)."""
+    block_period: int = 1
+    """H_b (hierarchical only): a global average every period * block_period steps."""
+    switch_epoch: float | None = None
+    """Post-local (or hierarchical) switch point in epochs; the paper uses the first LR decay."""
+    switch_step: int | None = None
+    """Switch point in optimizer steps (alternative to switch_epoch)."""
+    average_buffers: bool = True
+    """Average BatchNorm running statistics (buffers) together with parameters at each sync."""
+    momentum: MomentumPolicy = MomentumPolicy.local
+    """Momentum buffers at a sync: kept local (paper), averaged, or reset to zero."""
+    eval_model: EvalModel = EvalModel.averaged
+    """Model evaluated between syncs: the average (built aside, workers untouched) or each
+    local model, reporting the mean of their metrics."""
+    bucket_mb: float = 25.0
+    """Size of one averaging bucket in MiB: bounds extra memory and sets the collective count."""
+
+
+@dataclass
+class EngineConfig:
+    name: EngineName = EngineName.ddp
+    """ddp (PyTorch DistributedDataParallel) or deepspeed."""
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON config (engine deepspeed only)."""
+
+
+@dataclass
+class DistConfig:
+    backend: Backend = Backend.auto
+    """Process-group backend; auto picks nccl on CUDA and gloo on CPU."""
+    device: Device = Device.auto
+    """auto uses CUDA when available."""
+    timeout_s: float = 600.0
+    """Collective timeout: a stopped or lost peer fails the job after this many seconds."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${name}"
+    """Run directory: config.yaml, metrics.jsonl, summary.json, model.pt, checkpoints/."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in ``dir/checkpoints`` when one exists."""
+    checkpoint_every_epochs: int = 1
+    """Write a checkpoint every N epochs (0 disables checkpoints)."""
+    keep_checkpoints: int = 2
+    """Number of most recent checkpoints kept."""
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode | None = None
+    """offline, online or disabled; None means WANDB_MODE if set, else offline."""
+    project: str = "localsgd"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses the default."""
+    group: str | None = None
+    """Runs of one experiment share a group; None uses the recipe name."""
+    name: str | None = None
+    """Run name; None uses the run directory's name."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+    notes: str | None = None
+    """Run notes."""
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "run"
+    """Recipe name: default run directory and W&B group."""
+    seed: int = 0
+    """Seed for model init, data partition and augmentation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -1,0 +1,98 @@
+"""Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_*)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from localsgd.config.schema import Backend, Device, DistConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank // self.local_world_size
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def launcher_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) as torchrun set them; 1 process without."""
+    world = _env_int("WORLD_SIZE", 1)
+    return (_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0),
+            _env_int("LOCAL_WORLD_SIZE", world))
+
+
+def resolve_device(cfg: DistConfig, local_rank: int) -> torch.device:
+    use_cuda = cfg.device == Device.cuda or (
+        cfg.device == Device.auto and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("dist.device=cuda but no CUDA device is visible; use "
+                               "dist.device=cpu or dist.device=auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: DistConfig) -> DistInfo:
+    """Join (or, without torchrun, create) the default process group."""
+    rank, world, local_rank, local_world = launcher_env()
+    device = resolve_device(cfg, local_rank)
+    backend = cfg.backend.value if cfg.backend != Backend.auto else (
+        "nccl" if device.type == "cuda" else "gloo")
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        else:
+            # Plain `python torchrun_entry.py`: a one-process group keeps a single code path.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank,
+                    local_world_size=local_world, device=device, backend=backend)
+
+
+def node_groups(info: DistInfo) -> tuple[dist.ProcessGroup, list[list[int]]]:
+    """This rank's intra-node group; nodes are runs of LOCAL_WORLD_SIZE consecutive ranks.
+
+    Every rank must create every group in the same order, so all are built and one is kept.
+    """
+    size = info.local_world_size
+    layout = [list(range(n * size, (n + 1) * size)) for n in range(info.num_nodes)]
+    mine: dist.ProcessGroup | None = None
+    for ranks in layout:
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine = group
+    assert mine is not None
+    return mine, layout
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

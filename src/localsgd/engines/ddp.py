@@ -1,0 +1,106 @@
+"""PyTorch DistributedDataParallel engine with a counting, skippable gradient all-reduce.
+
+Mini-batch steps run DDP's bucketed all-reduce through a comm hook (so it still overlaps with
+backward and every byte is counted). Local steps switch DDP's gradient sync off for the whole
+step, so the reducer issues nothing; buffers are never broadcast (the sync controller averages
+them), which keeps local steps free of any collective.
+"""
+
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from localsgd.dist.env import DistInfo
+from localsgd.engines.base import momentum_tensors
+from localsgd.sync.accounting import CommMeter
+
+
+class _HookState:
+    def __init__(self, meter: CommMeter, world_size: int) -> None:
+        self.meter = meter
+        self.world_size = world_size
+
+
+def _counting_allreduce(state: _HookState,
+                        bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    buf = bucket.buffer()
+    nbytes = buf.numel() * buf.element_size()
+    start = time.perf_counter()
+    # Divide first, like DDP's built-in reduction, so results match it bit for bit.
+    buf.div_(state.world_size)
+    fut = dist.all_reduce(buf, async_op=True).get_future()
+
+    def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        state.meter.record("grad", nbytes, time.perf_counter() - start)
+        return f.value()[0]
+
+    return fut.then(done)
+
+
+def broadcast_state(module: nn.Module, meter: CommMeter) -> None:
+    """Make every rank start from rank 0's weights (counted as ``other``)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        with meter.timed("other", t.numel() * t.element_size()):
+            dist.broadcast(t.data, src=0)
+
+
+class DDPEngine:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
+                 meter: CommMeter) -> None:
+        self.module = module
+        self.optimizer = optimizer
+        self.info = info
+        if info.world_size > 1:
+            broadcast_state(module, meter)
+        self.wrapped = DistributedDataParallel(
+            module,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+            init_sync=False,
+            gradient_as_bucket_view=True,
+        )
+        self.wrapped.register_comm_hook(_HookState(meter, info.world_size), _counting_allreduce)
+
+    def train(self, mode: bool = True) -> None:
+        self.wrapped.train(mode)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                         scale: float, grad_sync: bool,
+                         timer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch; all-reduce its gradients only when ``grad_sync``."""
+        self.wrapped.require_backward_grad_sync = grad_sync
+        with timer.phase("forward"):
+            logits = self.wrapped(x)
+            loss = loss_fn(logits, y)
+        with timer.phase("backward"):
+            (loss * scale).backward()
+        return loss.detach(), logits.detach()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # SyncTarget
+    def sync_params(self) -> list[torch.Tensor]:
+        return [p.data for p in self.module.parameters()]
+
+    def sync_buffers(self) -> list[torch.Tensor]:
+        return [b.data for b in self.module.buffers()]
+
+    def momentum_buffers(self) -> list[torch.Tensor]:
+        return momentum_tensors(self.optimizer)
+
+    def after_params_changed(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

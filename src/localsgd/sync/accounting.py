@@ -1,0 +1,70 @@
+"""Exact communication accounting: every collective the job issues, by kind.
+
+Bytes are the payload one rank hands to a collective (numel * element size); what a ring
+all-reduce puts on the wire is 2 (K-1)/K times that, which the multi-node benchmark compares
+with interface counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+KINDS = ("grad", "average", "eval", "other")
+"""grad: gradient all-reduce of mini-batch steps; average: model averaging at syncs;
+eval: forming the averaged model for evaluation; other: set-up broadcasts, metric reductions."""
+
+
+@dataclass
+class KindTotals:
+    bytes: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CommMeter:
+    totals: dict[str, KindTotals] = field(
+        default_factory=lambda: {k: KindTotals() for k in KINDS})
+    _epoch_start: dict[str, KindTotals] = field(default_factory=dict)
+
+    def record(self, kind: str, nbytes: int, seconds: float = 0.0, calls: int = 1) -> None:
+        t = self.totals[kind]
+        t.bytes += nbytes
+        t.calls += calls
+        t.seconds += seconds
+
+    @contextmanager
+    def timed(self, kind: str, nbytes: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.record(kind, nbytes, time.perf_counter() - start)
+
+    def flat(self, prefix: str = "comm") -> dict[str, float]:
+        """Totals as metric keys: comm/bytes, comm/calls, comm/seconds and comm/<kind>/..."""
+        out: dict[str, float] = {
+            f"{prefix}/bytes": sum(t.bytes for t in self.totals.values()),
+            f"{prefix}/calls": sum(t.calls for t in self.totals.values()),
+            f"{prefix}/seconds": sum(t.seconds for t in self.totals.values()),
+        }
+        for kind, t in self.totals.items():
+            out[f"{prefix}/{kind}/bytes"] = t.bytes
+            out[f"{prefix}/{kind}/calls"] = t.calls
+            out[f"{prefix}/{kind}/seconds"] = t.seconds
+        return out
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {k: {"bytes": t.bytes, "calls": t.calls, "seconds": t.seconds}
+                for k, t in self.totals.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        for kind, t in state.items():
+            self.totals[kind] = KindTotals(int(t["bytes"]), int(t["calls"]), float(t["seconds"]))
+
+    def summary_line(self) -> str:
+        parts = [f"{k} {t.bytes / 2**20:.1f} MiB/{t.calls} calls/{t.seconds:.2f}s"
+                 for k, t in self.totals.items() if t.calls]
+        total = sum(t.bytes for t in self.totals.values()) / 2**20
+        return f"communication: {total:.1f} MiB per rank in total; " + ", ".join(parts)

@@ -1,0 +1,25 @@
+"""Test-set evaluation of a model; the caller decides which model and how ranks combine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> torch.Tensor:
+    """[loss sum, correct, count] over ``loader``, as float64 for exact reduction."""
+    was_training = model.training
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        logits = model(x)
+        totals[0] += loss_fn(logits, y).double()
+        totals[1] += (logits.argmax(1) == y).sum()
+        totals[2] += y.numel()
+    model.train(was_training)
+    return totals

@@ -1,0 +1,51 @@
+"""SGD with the paper's parameter groups, and the LR schedule from torch.optim.lr_scheduler."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    MultiStepLR,
+    SequentialLR,
+)
+
+from localsgd.config.schema import LRDecay, LRScheduleConfig, OptimConfig
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """Linear scaling rule: base_lr per base_batch_size samples."""
+    return cfg.base_lr * global_batch / cfg.base_batch_size
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.SGD:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        # BatchNorm weights and all biases are 1-D; the paper applies no weight decay to them.
+        (no_decay if cfg.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def build_scheduler(cfg: LRScheduleConfig, optimizer: torch.optim.Optimizer, base_lr: float,
+                    peak_lr: float, steps_per_epoch: int, epochs: int) -> LRScheduler:
+    """Stepped once per optimizer step; warmup goes linearly from base_lr to peak_lr."""
+    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    total = epochs * steps_per_epoch
+    if cfg.decay == LRDecay.multistep:
+        after: LRScheduler = MultiStepLR(
+            optimizer, [m * steps_per_epoch - warm for m in cfg.milestones], gamma=cfg.gamma)
+    elif cfg.decay == LRDecay.cosine:
+        after = CosineAnnealingLR(optimizer, T_max=max(1, total - warm))
+    else:
+        after = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warm == 0:
+        return after
+    start = min(1.0, base_lr / peak_lr)
+    warmup = LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warm)
+    return SequentialLR(optimizer, [warmup, after], milestones=[warm])

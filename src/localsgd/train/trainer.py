@@ -1,0 +1,302 @@
+"""The training loop: set-up in order, then epochs of steps, syncs, evaluations, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from localsgd.config.errors import ConfigError
+from localsgd.config.load import to_yaml
+from localsgd.config.schema import EvalModel, RecipeConfig
+from localsgd.data import DataError, build_datasets, build_eval_loader, build_train_loader
+from localsgd.dist.env import DistInfo
+from localsgd.engines import build_engine
+from localsgd.models import build_model
+from localsgd.report.base import Reporters
+from localsgd.report.build import build_reporters
+from localsgd.sync.accounting import CommMeter
+from localsgd.sync.controller import SyncController
+from localsgd.sync.schedule import SyncSchedule
+from localsgd.train.checkpoint import Checkpointer
+from localsgd.train.evaluate import evaluate
+from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
+from localsgd.train.timing import PhaseTimer
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+def _agree(ok: bool, device: torch.device) -> bool:
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig, info: DistInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.device = info.device
+        self.run_dir = Path(cfg.run.dir)
+        self.meter = CommMeter()
+        self.timer = PhaseTimer(self.device)
+        self.epoch = 0
+        self.best_acc = 0.0
+        self.time_to_target: float | None = None
+        self.elapsed = 0.0
+        self.last_eval: dict[str, float] = {}
+
+    # set-up -----------------------------------------------------------------------------
+    def _make_run_dir(self) -> None:
+        ok = True
+        if self.info.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            except OSError as exc:
+                ok = False
+                err = exc
+        if not _agree(ok, self.device):
+            msg = f"cannot write to '{self.run_dir}'" + (f" ({err})" if self.info.is_main else "")
+            raise ConfigError([f"run.dir: {msg}; choose a writable directory with run.dir=PATH"])
+
+    def _load_data(self) -> None:
+        d = self.cfg.data
+        error: DataError | None = None
+        if self.info.is_main:  # only rank 0 may download; the others wait for it
+            try:
+                self.data = build_datasets(d, self.cfg.seed, allow_download=True)
+            except DataError as exc:
+                error = exc
+        if not _agree(error is None, self.device):
+            raise error or DataError("rank 0 could not load the dataset (see its error)")
+        if not self.info.is_main:
+            self.data = build_datasets(d, self.cfg.seed, allow_download=False)
+
+    def setup(self) -> None:
+        cfg, info = self.cfg, self.info
+        self._make_run_dir()
+        if info.is_main:
+            tqdm.write(f"resolved recipe:\n{to_yaml(cfg)}")
+        self._load_data()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.model, self.data.num_classes,
+                                 self.data.image_size).to(self.device)
+        self.loader, self.sampler = build_train_loader(
+            self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
+            cfg.data.num_workers)
+        self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError([f"train.grad_accum: {cfg.train.grad_accum} micro-batches per "
+                               f"step exceed the {len(self.loader)} batches per epoch; lower it"])
+        global_batch = info.world_size * cfg.data.batch_size * cfg.train.grad_accum
+        self.peak_lr = scaled_lr(cfg.optim, global_batch)
+        self.optimizer = build_optimizer(cfg.optim, self.model, self.peak_lr)
+        self.scheduler = build_scheduler(cfg.lr_schedule, self.optimizer, cfg.optim.base_lr,
+                                         self.peak_lr, self.steps_per_epoch, cfg.train.epochs)
+        self.engine = build_engine(cfg.engine, cfg.sync, self.model, self.optimizer, info,
+                                   self.meter, cfg.data.batch_size, cfg.train.grad_accum)
+        self.schedule = SyncSchedule.from_config(cfg.sync, self.steps_per_epoch)
+        self.controller = SyncController(cfg.sync, self.schedule, info, self.meter)
+        self.averaged_eval = cfg.sync.eval_model == EvalModel.averaged
+        self.eval_loader = build_eval_loader(
+            self.data.test, max(256, cfg.data.batch_size), info.rank, info.world_size,
+            shard=self.averaged_eval, num_workers=cfg.data.num_workers)
+        self.eval_module = (copy.deepcopy(self.engine.module)
+                            if self.averaged_eval and info.world_size > 1 else None)
+        self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size,
+                                         cfg.run.keep_checkpoints)
+        self.reporters = build_reporters(cfg, self.run_dir, info) if info.is_main else Reporters([])
+        if cfg.run.resume:
+            self._resume()
+
+    # checkpoints ------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sync": self.controller.state_dict(),
+            "meter": self.meter.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "trainer": {"epoch": self.epoch, "best_acc": self.best_acc,
+                        "time_to_target": self.time_to_target, "elapsed": self.elapsed},
+        }
+
+    def _resume(self) -> None:
+        found = self.checkpointer.load_latest(self.device)
+        if found is None:
+            return
+        state, world = found
+        self.engine.load_state_dict(state["engine"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.controller.load_state_dict(state["sync"])
+        self.meter.load_state_dict(state["meter"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        t = state["trainer"]
+        self.epoch, self.best_acc = int(t["epoch"]), float(t["best_acc"])
+        self.time_to_target, self.elapsed = t["time_to_target"], float(t["elapsed"])
+        if self.info.is_main:
+            tqdm.write(f"resumed from step {self.controller.step} (epoch {self.epoch}, "
+                       f"written by {world} workers)")
+
+    # the loop -----------------------------------------------------------------------------
+    def _done(self) -> bool:
+        max_steps = self.cfg.train.max_steps
+        return self.epoch >= self.cfg.train.epochs or (
+            max_steps is not None and self.controller.step >= max_steps)
+
+    def train(self) -> dict[str, Any]:
+        start = time.perf_counter() - self.elapsed
+        while not self._done():
+            self._train_epoch(start)
+        self.controller.finish(self.engine)
+        for e in self.controller.pop_events():
+            self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
+                                "sync/consensus_distance_rank0": e.distance})
+        summary = self._finish(time.perf_counter() - start)
+        self.reporters.close()
+        return summary
+
+    def _train_epoch(self, start: float) -> None:
+        cfg, info = self.cfg, self.info
+        self.sampler.set_epoch(self.epoch)
+        self.engine.train()
+        loss_fn = nn.CrossEntropyLoss()
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        comm_before = self.meter.flat()
+        epoch_start = time.perf_counter()
+        batches = iter(self.loader)
+        accum = cfg.train.grad_accum
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch}", leave=False,
+                   disable=not (cfg.train.progress and info.is_main))
+        steps = 0
+        for _ in range(self.steps_per_epoch):
+            if self._done():
+                break
+            sync = self.controller.grad_sync()
+            for micro in range(accum):
+                with self.timer.phase("data"):
+                    x, y = next(batches)
+                    x = x.to(self.device, non_blocking=True)
+                    y = y.to(self.device, non_blocking=True)
+                loss, logits = self.engine.forward_backward(
+                    x, y, loss_fn, 1.0 / accum, sync and micro == accum - 1, self.timer)
+                stats += torch.stack([loss.double() * y.numel(),
+                                      (logits.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(y.numel()), dtype=torch.float64,
+                                                   device=self.device)])
+            if not math.isfinite(float(loss)):
+                raise TrainingError(f"loss is {float(loss)} at step {self.controller.step} "
+                                    f"(epoch {self.epoch}); lower optim.base_lr or check the "
+                                    "data. The last checkpoint was left intact.")
+            with self.timer.phase("comm_opt"):
+                self.engine.optimizer_step()
+                self.scheduler.step()
+                self.controller.after_step(self.engine)
+            steps += 1
+            bar.update(1)
+            if info.is_main and self.controller.step % cfg.train.log_every_steps == 0:
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+                self.reporters.log({
+                    "event": "step", "step": self.controller.step,
+                    "epoch": self.epoch + steps / self.steps_per_epoch,
+                    "train/loss_rank0": float(loss), "lr": self.optimizer.param_groups[0]["lr"],
+                    "time/wall_s": time.perf_counter() - start})
+        bar.close()
+        epoch_time = time.perf_counter() - epoch_start
+        self.epoch += 1
+        self._end_epoch(stats, steps, epoch_time, comm_before, start)
+
+    def _end_epoch(self, stats: torch.Tensor, steps: int, epoch_time: float,
+                   comm_before: dict[str, float], start: float) -> None:
+        cfg, info = self.cfg, self.info
+        events = self.controller.pop_events()
+        # One collective carries the epoch's train sums and every sync's distance.
+        packed = torch.cat([stats, torch.tensor([e.distance for e in events],
+                                                dtype=torch.float64, device=self.device)])
+        with self.meter.timed("other", packed.numel() * packed.element_size()):
+            dist.all_reduce(packed)
+        loss_sum, correct, count = packed[:3].tolist()
+        distances = (packed[3:] / info.world_size).tolist()
+        record: dict[str, Any] = {
+            "event": "epoch", "epoch": self.epoch, "step": self.controller.step,
+            "samples": self.controller.step * info.world_size * cfg.data.batch_size
+            * cfg.train.grad_accum,
+            "train/loss": loss_sum / max(count, 1), "train/acc": correct / max(count, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "sync/phase": self.schedule.phase(max(self.controller.step - 1, 0)).value,
+            "sync/period": self.schedule.effective_period(max(self.controller.step - 1, 0)),
+            "sync/count": len(events),
+            "throughput/samples_per_s": count / max(epoch_time, 1e-9),
+            **self.timer.pop(),
+        }
+        if distances:
+            record["sync/consensus_distance"] = sum(distances) / len(distances)
+        comm_now = self.meter.flat()
+        record.update(comm_now)
+        record["comm/epoch_bytes"] = comm_now["comm/bytes"] - comm_before["comm/bytes"]
+        if self.epoch % cfg.train.eval_every_epochs == 0 or self._done():
+            record.update(self._evaluate())
+            acc = record["eval/acc"]
+            self.best_acc = max(self.best_acc, acc)
+            if (cfg.train.target_acc is not None and self.time_to_target is None
+                    and acc >= cfg.train.target_acc):
+                self.time_to_target = time.perf_counter() - start
+        self.elapsed = time.perf_counter() - start
+        record["time/wall_s"] = self.elapsed
+        for e, d in zip(events, distances, strict=True):
+            self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
+                                "sync/consensus_distance": d})
+        self.reporters.log(record)
+        every = cfg.run.checkpoint_every_epochs
+        if every and (self.epoch % every == 0 or self._done()):
+            self.checkpointer.save(self.controller.step, self._state())
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.averaged_eval:
+            model = self.engine.module
+            if self.eval_module is not None:
+                self.controller.averaged_copy(self.engine, self.engine.module, self.eval_module)
+                model = self.eval_module
+            totals = evaluate(model, self.eval_loader, self.device)
+        else:
+            # Every rank scores its own model on the full test set; the mean is reported.
+            totals = evaluate(self.engine.module, self.eval_loader, self.device)
+        with self.meter.timed("other", totals.numel() * totals.element_size()):
+            dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
+        self.last_eval = {"eval/loss": loss_sum / count, "eval/acc": correct / count,
+                          "eval/model": self.cfg.sync.eval_model.value}
+        return dict(self.last_eval)
+
+    def _finish(self, wall: float) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        samples = self.controller.step * info.world_size * cfg.data.batch_size \
+            * cfg.train.grad_accum
+        summary: dict[str, Any] = {
+            "eval/acc": self.last_eval.get("eval/acc"), "eval/best_acc": self.best_acc,
+            "eval/loss": self.last_eval.get("eval/loss"),
+            "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
+            "step": self.controller.step, "epoch": self.epoch, "world_size": info.world_size,
+            "sync/algorithm": cfg.sync.algorithm.value, "time/to_target_s": self.time_to_target,
+            **self.meter.flat(),
+        }
+        if info.is_main:
+            torch.save(self.engine.module.state_dict(), self.run_dir / "model.pt")
+            self.reporters.summary(summary)
+            tqdm.write(self.meter.summary_line())
+        return summary

@@ -1,0 +1,58 @@
+"""Shared test helpers: real torchrun launches on free ports, real CIFAR-10 location."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_ROOT = REPO.parent / "shared" / "data" / "cifar10"
+ENTRY = REPO / "torchrun_entry.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def torchrun(args: list[str], nproc: int = 2, *, nnodes: int = 1, node_rank: int = 0,
+             port: int | None = None, timeout: float = 300, check: bool = True,
+             env: dict[str, str] | None = None, extra_launch: list[str] | None = None,
+             script: Path = ENTRY) -> subprocess.CompletedProcess[str]:
+    """Run ``torchrun ... script args`` for real and return its output."""
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+              f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+              "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
+              *(extra_launch or [])]
+    proc = subprocess.run([*launch, str(script), *args], cwd=REPO, env=env or worker_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def synthetic_args(run_dir: Path, *extra: str) -> list[str]:
+    """A recipe for fast multi-process semantics tests (synthetic data, tiny CNN)."""
+    return ["recipes/tests/tiny_synthetic.yaml", f"run.dir={run_dir}", *extra]
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    if not (CIFAR_ROOT / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"CIFAR-10 not found at {CIFAR_ROOT}")
+    return CIFAR_ROOT
