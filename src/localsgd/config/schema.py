@@ -24,6 +24,11 @@ class ModelName(str, Enum):
     simplecnn = "simplecnn"
 
 
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
 class DatasetName(str, Enum):
     cifar10 = "cifar10"
     cifar100 = "cifar100"
@@ -82,6 +87,8 @@ class WandbMode(str, Enum):
 class ModelConfig:
     name: ModelName = ModelName.resnet20
     """Architecture; CIFAR ResNets have depth 6n+2."""
+    dtype: DType = DType.float32
+    """Parameter dtype; float64 makes equivalence checks immune to float32 rounding."""
 
 
 @dataclass

@@ -55,6 +55,7 @@ class DDPEngine:
         self.module = module
         self.optimizer = optimizer
         self.info = info
+        self.meter = meter
         if info.world_size > 1:
             broadcast_state(module, meter)
         self.wrapped = DistributedDataParallel(
@@ -74,12 +75,26 @@ class DDPEngine:
                          timer: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch; all-reduce its gradients only when ``grad_sync``."""
         self.wrapped.require_backward_grad_sync = grad_sync
+        rebuilt = self.wrapped._has_rebuilt_buckets
         with timer.phase("forward"):
             logits = self.wrapped(x)
             loss = loss_fn(logits, y)
+        if not rebuilt and self.wrapped._has_rebuilt_buckets:
+            self._count_bucket_rebuild()
         with timer.phase("backward"):
             (loss * scale).backward()
         return loss.detach(), logits.detach()
+
+    def _count_bucket_rebuild(self) -> None:
+        """DDP's reducer agrees on a bucket order once, in C++; account for it as ``other``.
+
+        It broadcasts the int32 parameter order (one entry per tensor, plus one) and the int32
+        bucket sizes: two calls whose sizes follow from the model and the bucket layout.
+        """
+        sizes = str(self.wrapped._get_ddp_logging_data().get("bucket_sizes", "0"))
+        num_buckets = len(sizes.split(","))
+        num_tensors = sum(1 for p in self.module.parameters() if p.requires_grad)
+        self.meter.record("other", 4 * (num_tensors + 1) + 4 * num_buckets, calls=2)
 
     def optimizer_step(self) -> None:
         self.optimizer.step()

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from localsgd.sync.accounting import CommMeter
+
 MARKER = "COMPLETE"
 
 
@@ -37,7 +39,9 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, keep: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, world_size: int, keep: int,
+                 meter: CommMeter) -> None:
+        self.meter = meter
         self.root = run_dir / "checkpoints"
         self.rank = rank
         self.world_size = world_size
@@ -51,7 +55,8 @@ class Checkpointer:
         torch.save(state, tmp)
         os.replace(tmp, path)
         (folder / f"rank{self.rank}.sha256").write_text(_sha256(path))
-        dist.barrier()
+        with self.meter.timed("other", 0):
+            dist.barrier()
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world_size}
             marker_tmp = folder / (MARKER + ".tmp")
@@ -83,7 +88,8 @@ class Checkpointer:
             src = self.rank if meta["world_size"] == self.world_size else 0
             state = self._readable(folder, src)
             ok = torch.tensor([1 if state is not None else 0], device=device)
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            with self.meter.timed("other", ok.numel() * ok.element_size()):
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if int(ok.item()) == 1:
                 assert state is not None
                 return state, int(meta["world_size"])

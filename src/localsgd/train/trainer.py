@@ -6,12 +6,14 @@ import copy
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from localsgd.config.errors import ConfigError
@@ -36,12 +38,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
-def _agree(ok: bool, device: torch.device) -> bool:
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 class Trainer:
     def __init__(self, cfg: RecipeConfig, info: DistInfo) -> None:
         self.cfg = cfg
@@ -56,6 +52,13 @@ class Trainer:
         self.elapsed = 0.0
         self.last_eval: dict[str, float] = {}
 
+    def _agree(self, ok: bool) -> bool:
+        """True only if every rank says ok (so all ranks raise together, none hangs)."""
+        flag = torch.tensor([1 if ok else 0], device=self.device)
+        with self.meter.timed("other", flag.numel() * flag.element_size()):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     # set-up -----------------------------------------------------------------------------
     def _make_run_dir(self) -> None:
         ok = True
@@ -66,7 +69,7 @@ class Trainer:
             except OSError as exc:
                 ok = False
                 err = exc
-        if not _agree(ok, self.device):
+        if not self._agree(ok):
             msg = f"cannot write to '{self.run_dir}'" + (f" ({err})" if self.info.is_main else "")
             raise ConfigError([f"run.dir: {msg}; choose a writable directory with run.dir=PATH"])
 
@@ -78,7 +81,7 @@ class Trainer:
                 self.data = build_datasets(d, self.cfg.seed, allow_download=True)
             except DataError as exc:
                 error = exc
-        if not _agree(error is None, self.device):
+        if not self._agree(error is None):
             raise error or DataError("rank 0 could not load the dataset (see its error)")
         if not self.info.is_main:
             self.data = build_datasets(d, self.cfg.seed, allow_download=False)
@@ -90,8 +93,9 @@ class Trainer:
             tqdm.write(f"resolved recipe:\n{to_yaml(cfg)}")
         self._load_data()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.dtype = getattr(torch, cfg.model.dtype.value)
         self.model = build_model(cfg.model, self.data.num_classes,
-                                 self.data.image_size).to(self.device)
+                                 self.data.image_size).to(self.device, self.dtype)
         self.loader, self.sampler = build_train_loader(
             self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
             cfg.data.num_workers)
@@ -115,7 +119,7 @@ class Trainer:
         self.eval_module = (copy.deepcopy(self.engine.module)
                             if self.averaged_eval and info.world_size > 1 else None)
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size,
-                                         cfg.run.keep_checkpoints)
+                                         cfg.run.keep_checkpoints, self.meter)
         self.reporters = build_reporters(cfg, self.run_dir, info) if info.is_main else Reporters([])
         if cfg.run.resume:
             self._resume()
@@ -180,46 +184,54 @@ class Trainer:
         comm_before = self.meter.flat()
         epoch_start = time.perf_counter()
         batches = iter(self.loader)
-        accum = cfg.train.grad_accum
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch}", leave=False,
                    disable=not (cfg.train.progress and info.is_main))
         steps = 0
         for _ in range(self.steps_per_epoch):
             if self._done():
                 break
-            sync = self.controller.grad_sync()
-            for micro in range(accum):
-                with self.timer.phase("data"):
-                    x, y = next(batches)
-                    x = x.to(self.device, non_blocking=True)
-                    y = y.to(self.device, non_blocking=True)
-                loss, logits = self.engine.forward_backward(
-                    x, y, loss_fn, 1.0 / accum, sync and micro == accum - 1, self.timer)
-                stats += torch.stack([loss.double() * y.numel(),
-                                      (logits.argmax(1) == y).sum().double(),
-                                      torch.tensor(float(y.numel()), dtype=torch.float64,
-                                                   device=self.device)])
-            if not math.isfinite(float(loss)):
-                raise TrainingError(f"loss is {float(loss)} at step {self.controller.step} "
-                                    f"(epoch {self.epoch}); lower optim.base_lr or check the "
-                                    "data. The last checkpoint was left intact.")
-            with self.timer.phase("comm_opt"):
-                self.engine.optimizer_step()
-                self.scheduler.step()
-                self.controller.after_step(self.engine)
+            # A named scope per step lets profiler traces attribute every collective to a step.
+            with record_function(f"localsgd.step.{self.controller.step}"):
+                loss = self._train_step(batches, loss_fn, stats)
             steps += 1
             bar.update(1)
             if info.is_main and self.controller.step % cfg.train.log_every_steps == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}")
                 self.reporters.log({
                     "event": "step", "step": self.controller.step,
                     "epoch": self.epoch + steps / self.steps_per_epoch,
-                    "train/loss_rank0": float(loss), "lr": self.optimizer.param_groups[0]["lr"],
+                    "train/loss_rank0": loss, "lr": self.optimizer.param_groups[0]["lr"],
                     "time/wall_s": time.perf_counter() - start})
         bar.close()
         epoch_time = time.perf_counter() - epoch_start
         self.epoch += 1
         self._end_epoch(stats, steps, epoch_time, comm_before, start)
+
+    def _train_step(self, batches: Iterator[Any], loss_fn: nn.Module,
+                    stats: torch.Tensor) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the last loss."""
+        accum = self.cfg.train.grad_accum
+        sync = self.controller.grad_sync()
+        for micro in range(accum):
+            with self.timer.phase("data"):
+                x, y = next(batches)
+                x = x.to(self.device, self.dtype, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+            loss, logits = self.engine.forward_backward(
+                x, y, loss_fn, 1.0 / accum, sync and micro == accum - 1, self.timer)
+            stats[0] += loss.double() * y.numel()
+            stats[1] += (logits.argmax(1) == y).sum()
+            stats[2] += y.numel()
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingError(f"loss is {value} at step {self.controller.step} (epoch "
+                                f"{self.epoch}); lower optim.base_lr or check the data. The "
+                                "last checkpoint was left intact.")
+        with self.timer.phase("comm_opt"):
+            self.engine.optimizer_step()
+            self.scheduler.step()
+            self.controller.after_step(self.engine)
+        return value
 
     def _end_epoch(self, stats: torch.Tensor, steps: int, epoch_time: float,
                    comm_before: dict[str, float], start: float) -> None:
@@ -272,10 +284,10 @@ class Trainer:
             if self.eval_module is not None:
                 self.controller.averaged_copy(self.engine, self.engine.module, self.eval_module)
                 model = self.eval_module
-            totals = evaluate(model, self.eval_loader, self.device)
+            totals = evaluate(model, self.eval_loader, self.device, self.dtype)
         else:
             # Every rank scores its own model on the full test set; the mean is reported.
-            totals = evaluate(self.engine.module, self.eval_loader, self.device)
+            totals = evaluate(self.engine.module, self.eval_loader, self.device, self.dtype)
         with self.meter.timed("other", totals.numel() * totals.element_size()):
             dist.all_reduce(totals)
         loss_sum, correct, count = totals.tolist()

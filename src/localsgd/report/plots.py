@@ -1,0 +1,157 @@
+"""Result plots from local records: ``localsgd plot RUN_DIR [RUN_DIR ...] [--out DIR]``.
+
+Series are extracted first (``collect_series``) and drawn second (``draw``), so tests and
+notebooks can check exactly what a figure shows without reading pixels.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from localsgd.report.files import read_metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Series = tuple[list[float], list[float]]
+"""(xs, ys) of one run in one plot, sorted by x."""
+
+
+@dataclass(frozen=True)
+class PlotSpec:
+    name: str
+    """File stem of the PNG."""
+    event: str
+    """Records of this event feed the plot."""
+    x: str
+    y: str
+    title: str
+    xlabel: str
+    ylabel: str
+    x_scale: float = 1.0
+    """Drawn x = recorded x / x_scale (bytes shown as MiB); series keep recorded units."""
+
+
+PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("acc_vs_epoch", "epoch", "epoch", "eval/acc", "Test accuracy vs epoch",
+             "epoch", "test accuracy"),
+    PlotSpec("acc_vs_time", "epoch", "time/wall_s", "eval/acc", "Test accuracy vs training time",
+             "wall-clock training time (s)", "test accuracy"),
+    PlotSpec("acc_vs_bytes", "epoch", "comm/bytes", "eval/acc",
+             "Test accuracy vs communication", "data communicated per worker (MiB)",
+             "test accuracy", x_scale=2.0**20),
+    PlotSpec("loss_vs_epoch", "epoch", "epoch", "train/loss", "Training loss vs epoch",
+             "epoch", "training loss (epoch mean)"),
+    PlotSpec("consensus_vs_step", "sync", "step", "sync/consensus_distance",
+             "Consensus distance at each model average", "optimizer step",
+             "mean distance of workers to their average"),
+)
+
+# The record that identifies a point: a resumed run appends re-done epochs and syncs to
+# metrics.jsonl, and the later record of the same epoch/step replaces the earlier one.
+_IDENTITY = {"epoch": "epoch", "sync": "step"}
+
+
+class PlotError(ValueError):
+    """A run directory cannot be plotted; the message says which and why."""
+
+
+def run_algorithm(run_dir: Path) -> str:
+    """The run's sync algorithm from its saved recipe ("?" when unreadable)."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return str(config["sync"]["algorithm"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "?"
+
+
+def _series(records: list[dict[str, Any]], spec: PlotSpec) -> Series:
+    ident = _IDENTITY[spec.event]
+    points: dict[float, tuple[float, float]] = {}
+    for r in records:
+        if r.get("event") == spec.event and spec.x in r and spec.y in r:
+            points[r.get(ident, r[spec.x])] = (float(r[spec.x]), float(r[spec.y]))
+    ordered = [points[k] for k in sorted(points)]
+    return [p[0] for p in ordered], [p[1] for p in ordered]
+
+
+def collect_series(run_dirs: list[str | Path]) -> dict[str, dict[str, Series]]:
+    """{plot name: {run label: (xs, ys)}}; runs without data for a plot are left out."""
+    out: dict[str, dict[str, Series]] = {spec.name: {} for spec in PLOTS}
+    labels: set[str] = set()
+    for raw in run_dirs:
+        run_dir = Path(raw)
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise PlotError(f"'{run_dir}' has no metrics.jsonl; pass run directories written "
+                            "by training (run.dir)")
+        records = read_metrics(run_dir)
+        # Legend label: directory name and algorithm; the full path only when two runs in
+        # different parents share a name.
+        algorithm = run_algorithm(run_dir)
+        label = f"{run_dir.name} ({algorithm})"
+        if label in labels:
+            label = f"{run_dir} ({algorithm})"
+        labels.add(label)
+        for spec in PLOTS:
+            xs, ys = _series(records, spec)
+            if xs:
+                out[spec.name][label] = (xs, ys)
+    return out
+
+
+def draw(spec: PlotSpec, series: dict[str, Series]) -> Figure:
+    """One figure with a line per run. Built without pyplot: no global backend state."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for label, (xs, ys) in series.items():
+        ax.plot([x / spec.x_scale for x in xs], ys, marker="o", markersize=3, label=label)
+    ax.set_title(spec.title)
+    ax.set_xlabel(spec.xlabel)
+    ax.set_ylabel(spec.ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def write_plots(run_dirs: list[str | Path], out: str | Path | None = None) -> list[Path]:
+    """Write one PNG per plot that has data; returns the paths written."""
+    if not run_dirs:
+        raise PlotError("no run directories given")
+    data = collect_series(run_dirs)
+    out_dir = Path(out) if out is not None else Path(run_dirs[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for spec in PLOTS:
+        if not data[spec.name]:
+            continue  # e.g. consensus distance of mini-batch SGD runs, which never average
+        path = out_dir / f"{spec.name}.png"
+        draw(spec, data[spec.name]).savefig(path, dpi=120)
+        written.append(path)
+    if not written:
+        raise PlotError("no epoch or sync records yet in " + ", ".join(map(str, run_dirs)))
+    return written
+
+
+def plot_runs(run_dirs: list[str], out: str | None) -> int:
+    """CLI entry: 0 with the written paths on stdout, 2 with a message on stderr."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("localsgd: error: plotting needs matplotlib; pip install 'localsgd[plot]'",
+              file=sys.stderr)
+        return 2
+    try:
+        paths = write_plots(list(run_dirs), out)
+    except (PlotError, OSError, ValueError) as exc:
+        print(f"localsgd: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0

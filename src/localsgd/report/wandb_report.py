@@ -1,0 +1,112 @@
+"""A W&B report comparing the runs of one experiment group.
+
+``build_report`` only assembles the report object (no network), so its panels, axes and run
+filter are testable offline; ``save_report`` publishes it and is the only part that talks to
+the W&B server.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    title: str
+    x: str
+    """History key on the x axis (the same keys the training sink logs)."""
+    y: tuple[str, ...]
+
+
+# The paper's comparisons: accuracy per epoch, per second and per byte, plus how far local
+# models drift apart between averages.
+PANELS: tuple[PanelSpec, ...] = (
+    PanelSpec("Test accuracy vs epoch", "epoch", ("eval/acc",)),
+    PanelSpec("Test accuracy vs training time (s)", "time/wall_s", ("eval/acc",)),
+    PanelSpec("Test accuracy vs bytes communicated per worker", "comm/bytes", ("eval/acc",)),
+    PanelSpec("Training loss (epoch mean) vs epoch", "epoch", ("train/loss",)),
+    PanelSpec("Consensus distance at each average vs step", "step",
+              ("sync/consensus_distance",)),
+)
+
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
+def build_report(project: str, entity: str | None, group: str,
+                 title: str | None = None) -> Any:
+    """The report object: one panel grid over the runs of ``group`` in ``project``.
+
+    ``entity`` None leaves it empty; ``save_report`` fills in the account's default entity,
+    which needs the network and so cannot happen here.
+    """
+    import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces import expr
+
+    runset = wr.Runset(entity=entity or "", project=project, name=group,
+                       filters=[expr.Metric("Group") == group])
+    panels = [
+        wr.LinePlot(title=p.title, x=p.x, y=list(p.y), layout=wr.Layout(w=12, h=8))
+        for p in PANELS
+    ]
+    return wr.Report(
+        project=project,
+        entity=entity or "",
+        title=title or f"localsgd: {group}",
+        description=f"Runs of experiment group '{group}' (one W&B run per training launch).",
+        blocks=[
+            wr.MarkdownBlock(text=(
+                "Test accuracy against epochs, training time and communicated bytes, the "
+                "training loss and the consensus distance (mean distance of the worker "
+                "models to their average, measured at every model average).")),
+            wr.PanelGrid(runsets=[runset], panels=panels),
+        ],
+    )
+
+
+def resolve_report_mode(mode: str | None = None) -> str:
+    """Explicit mode, else WANDB_MODE, else online: publishing is this command's purpose."""
+    raw = (mode or os.environ.get("WANDB_MODE", "") or "online").strip().lower()
+    return _MODE_ALIASES.get(raw, raw)
+
+
+def save_report(report: Any, mode: str | None = None) -> str | None:
+    """Publish the report when W&B is online; returns its URL, or None when not online."""
+    if resolve_report_mode(mode) != "online":
+        return None
+    if not report.entity:
+        import wandb
+
+        entity = wandb.Api().default_entity
+        report.entity = entity
+        for block in report.blocks:
+            for runset in getattr(block, "runsets", []):
+                runset.entity = runset.entity or entity
+    report.save()
+    return str(report.url)
+
+
+def report_main(project: str, group: str, entity: str | None = None,
+                title: str | None = None, mode: str | None = None) -> int:
+    """CLI entry for ``localsgd report``: 0 on success, 1 when W&B refused, 2 without it."""
+    try:
+        report = build_report(project, entity, group, title)
+    except ImportError:
+        print("localsgd: error: reports need wandb-workspaces; pip install 'localsgd[wandb]'",
+              file=sys.stderr)
+        return 2
+    try:
+        url = save_report(report, mode)
+    except Exception as exc:  # network, auth, unknown entity/project: all reported the same
+        print(f"localsgd: error: could not save the W&B report ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 1
+    if url is None:
+        print(f"W&B is {resolve_report_mode(mode)}: report '{report.title}' built with "
+              f"{len(PANELS)} panels but not saved; set WANDB_MODE=online to publish it",
+              file=sys.stderr)
+        return 0
+    print(url)
+    return 0
