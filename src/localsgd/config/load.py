@@ -70,24 +70,44 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe; a top-level ``base: other.yaml`` (relative to it) is merged underneath."""
+    if not p.is_file():
+        hint = f" (named by 'base' in {seen[-1]})" if seen else ""
+        raise ConfigError([f"recipe file '{p}'{hint} does not exist; pass the path of a YAML "
+                           "file such as recipes/quickstart.yaml"])
+    if p.resolve() in seen:
+        raise ConfigError([f"base: recipe '{p}' includes itself"])
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"recipe file '{p}' is not valid YAML: {exc}"]) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"recipe file '{p}' must hold a mapping of keys to values"])
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str):
+        raise ConfigError([f"base: in '{p}' must be a path to another recipe, got {base!r}"])
+    return _deep_merge(_read_yaml(p.parent / base, (*seen, p.resolve())), loaded)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
     """The validated, resolved recipe, or one ConfigError listing every problem."""
     errors: list[str] = []
     schema = OmegaConf.structured(RecipeConfig)
     known = _known_keys(schema)
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"recipe file '{p}' does not exist; pass the path of a YAML file "
-                               "such as recipes/quickstart.yaml"])
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"recipe file '{p}' is not valid YAML: {exc}"]) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"recipe file '{p}' must hold a mapping of keys to values"])
-        data = loaded
+    data = _read_yaml(Path(path)) if path is not None else {}
     for key, value in _leaves(data):
         _merge_leaf(schema, key, value, known, errors)
     for text in overrides or []:

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from localsgd.report.wandb_sink import MODE_ALIASES
+
 
 @dataclass(frozen=True)
 class PanelSpec:
@@ -32,9 +34,6 @@ PANELS: tuple[PanelSpec, ...] = (
               ("sync/consensus_distance",)),
 )
 
-_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
-
-
 def build_report(project: str, entity: str | None, group: str,
                  title: str | None = None) -> Any:
     """The report object: one panel grid over the runs of ``group`` in ``project``.
@@ -42,11 +41,15 @@ def build_report(project: str, entity: str | None, group: str,
     ``entity`` None leaves it empty; ``save_report`` fills in the account's default entity,
     which needs the network and so cannot happen here.
     """
+    if "'" in group:
+        # wandb-workspaces stores filters as a string with the value in single quotes and
+        # no escaping: such a group would give a filter that matches nothing or fails.
+        raise ValueError(f"group {group!r}: W&B report filters cannot hold a single quote")
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
     runset = wr.Runset(entity=entity or "", project=project, name=group,
-                       filters=[expr.Metric("Group") == group])
+                       filters=expr.And(expr.Metric("Group") == group))
     panels = [
         wr.LinePlot(title=p.title, x=p.x, y=list(p.y), layout=wr.Layout(w=12, h=8))
         for p in PANELS
@@ -69,7 +72,7 @@ def build_report(project: str, entity: str | None, group: str,
 def resolve_report_mode(mode: str | None = None) -> str:
     """Explicit mode, else WANDB_MODE, else online: publishing is this command's purpose."""
     raw = (mode or os.environ.get("WANDB_MODE", "") or "online").strip().lower()
-    return _MODE_ALIASES.get(raw, raw)
+    return MODE_ALIASES.get(raw, raw)
 
 
 def save_report(report: Any, mode: str | None = None) -> str | None:
@@ -96,6 +99,9 @@ def report_main(project: str, group: str, entity: str | None = None,
     except ImportError:
         print("localsgd: error: reports need wandb-workspaces; pip install 'localsgd[wandb]'",
               file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"localsgd: error: {exc}", file=sys.stderr)
         return 2
     try:
         url = save_report(report, mode)

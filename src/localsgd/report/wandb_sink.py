@@ -20,12 +20,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from localsgd.config.schema import RecipeConfig
-from localsgd.dist.env import DistInfo
+
+if TYPE_CHECKING:  # keeps `localsgd report` from importing torch
+    from localsgd.dist.env import DistInfo
 
 
 class WandbSinkWarning(RuntimeWarning):
@@ -54,7 +56,7 @@ GLOB_AXES = {
 # mean gets its own name in W&B (metrics.jsonl keeps the trainer's keys).
 EPOCH_MEAN_DISTANCE = "sync/consensus_distance_epoch_mean"
 
-_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
 
 def resolve_mode(cfg: RecipeConfig, environ: dict[str, str] | None = None) -> str:
@@ -65,7 +67,7 @@ def resolve_mode(cfg: RecipeConfig, environ: dict[str, str] | None = None) -> st
     raw = env.get("WANDB_MODE", "").strip().lower()
     if not raw:
         return "offline"
-    return _MODE_ALIASES.get(raw, raw)
+    return MODE_ALIASES.get(raw, raw)
 
 
 def to_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +125,7 @@ class WandbReporter:
         self._warned = False
         self.mode = mode or resolve_mode(cfg)
         try:
-            self._run = self._start(cfg, Path(run_dir), info)
+            self._start(cfg, Path(run_dir), info)
         except (Exception, SystemExit) as exc:  # W&B must never end the training job
             self._fail("could not start", exc)
 
@@ -131,7 +133,7 @@ class WandbReporter:
     def active(self) -> bool:
         return self._run is not None
 
-    def _start(self, cfg: RecipeConfig, run_dir: Path, info: DistInfo | None) -> Any:
+    def _start(self, cfg: RecipeConfig, run_dir: Path, info: DistInfo | None) -> None:
         import wandb
 
         w = cfg.wandb
@@ -150,13 +152,13 @@ class WandbReporter:
         if run is None or getattr(run, "disabled", False):
             # W&B turned itself off (e.g. a login prompt timed out); say so once.
             raise RuntimeError("W&B disabled itself during wandb.init (no login?)")
+        self._run = run  # from here on a failure must finish the run (see _fail)
         run.define_metric("step")
         for axis in AXES[1:]:
             run.define_metric(axis, step_metric="step")
         run.define_metric("lr", step_metric="step")
         for glob, axis in GLOB_AXES.items():
             run.define_metric(glob, step_metric=axis)
-        return run
 
     def _fail(self, what: str, exc: BaseException, finish: bool = True) -> None:
         run, self._run = self._run, None

@@ -1,0 +1,62 @@
+"""End-to-end training runs: real torchrun workers, real CIFAR-10, the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import REPO, synthetic_args, torchrun
+
+from localsgd.report.files import read_metrics
+
+
+def test_ddp_two_workers_equal_one_process_with_double_batch() -> None:
+    proc = torchrun(["12", "8"], script=REPO / "tests/integration/ddp_equivalence_worker.py")
+    assert proc.stdout.count("max |ddp - single|") == 2
+
+
+def test_cifar10_two_workers_learn_and_agree(tmp_path: Path, cifar_root: Path) -> None:
+    run = tmp_path / "cifar"
+    proc = torchrun(["recipes/quickstart.yaml", f"run.dir={run}", f"data.root={cifar_root}",
+                     "sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=null",
+                     "data.train_subset=4096",
+                     "data.test_subset=1000", "data.num_workers=0", "train.epochs=3",
+                     "lr_schedule.warmup_epochs=0", "lr_schedule.milestones=[]",
+                     "optim.base_lr=0.05",
+                     "train.progress=false"], timeout=600)
+    assert (run / "config.yaml").is_file() and (run / "model.pt").is_file()
+    epochs = [r for r in read_metrics(run) if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"] - 0.1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval/acc"] > 0.25  # chance is 0.10
+    assert summary["eval/best_acc"] >= summary["eval/acc"]
+    # Mini-batch SGD averages only once: BatchNorm statistics, at the end (one bucket).
+    assert summary["comm/grad/calls"] > 0 and summary["comm/average/calls"] == 1
+    for key in ("time/data", "time/forward", "time/backward", "time/comm_opt"):
+        assert epochs[-1][key] > 0
+    # Every rank's final checkpoint holds the same parameters (mini-batch SGD).
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    w = [torch.load(ckpt / f"rank{r}.pt", weights_only=True)["engine"]["model"]
+         for r in range(2)]
+    params = [k for k in w[0] if "running" not in k and "num_batches" not in k]
+    assert params and all(torch.equal(w[0][k], w[1][k]) for k in params)
+    assert "resolved recipe:" in proc.stdout and "communication:" in proc.stdout
+
+
+def test_resume_between_syncs_is_bitwise_exact(tmp_path: Path) -> None:
+    common = ["sync.algorithm=local", "sync.period=5", "run.checkpoint_every_epochs=1",
+              "train.epochs=3"]
+    torchrun(synthetic_args(tmp_path / "full", *common, "train.max_steps=40"))
+    # The interrupted run stops after epoch 1 (step 16, between two syncs), then resumes.
+    torchrun(synthetic_args(tmp_path / "cut", *common, "train.max_steps=16"))
+    proc = torchrun(synthetic_args(tmp_path / "cut", *common, "train.max_steps=40"))
+    assert "resumed from step 16" in proc.stdout
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.loads((tmp_path / "full" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert sa["comm/average/calls"] == sb["comm/average/calls"]
+    assert sa["step"] == sb["step"] == 40
