@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import warnings
 
 from localsgd.config import ConfigError, load_config, to_yaml
 
 
 def _fail(message: str, code: int) -> int:
-    # Every rank hits the same recipe/data problem; one copy of the message is enough.
+    # Every rank hits the same recipe/data problem; one copy of the message is enough. The
+    # others linger a moment: torchrun stops all workers as soon as the first one exits,
+    # which must not cut rank 0 off before it has reported.
     if os.environ.get("RANK", "0") == "0":
         print(f"localsgd: error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(5)
     return code
 
 

@@ -189,3 +189,22 @@ def test_hierarchical_two_nodes_two_workers(tmp_path: Path) -> None:
             assert not any(same_node) and not across, step
     s = summary(run_dir)
     assert s["world_size"] == 4
+
+
+@pytest.mark.parametrize("policy", ["reset", "average", "local"])
+def test_momentum_policy_at_sync(tmp_path: Path, policy: str) -> None:
+    # Epoch end (step 16) is a sync step for H=4, and the checkpoint is written right after.
+    torchrun(synthetic_args(tmp_path, "sync.algorithm=local", "sync.period=4",
+                            f"sync.momentum={policy}", "train.max_steps=16",
+                            "run.checkpoint_every_epochs=1"))
+    ckpt = tmp_path / "checkpoints" / "step-00000016"
+    bufs = [[s["momentum_buffer"] for s in torch.load(
+        ckpt / f"rank{r}.pt", weights_only=True)["engine"]["optimizer"]["state"].values()]
+        for r in range(2)]
+    assert len(bufs[0]) == 6
+    if policy == "reset":
+        assert all(float(b.abs().max()) == 0.0 for b in bufs[0] + bufs[1])
+    else:
+        same = all(torch.equal(a, b) for a, b in zip(bufs[0], bufs[1], strict=True))
+        assert same == (policy == "average")
+        assert all(float(b.abs().max()) > 0 for b in bufs[0])
