@@ -23,7 +23,8 @@ def free_port() -> int:
 
 def worker_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu",
+    # W&B is exercised by the reporting tests, which ask for offline mode themselves.
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
                 "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
@@ -34,10 +35,14 @@ def torchrun(args: list[str], nproc: int = 2, *, nnodes: int = 1, node_rank: int
              env: dict[str, str] | None = None, extra_launch: list[str] | None = None,
              script: Path = ENTRY) -> subprocess.CompletedProcess[str]:
     """Run ``torchrun ... script args`` for real and return its output."""
+    extra = extra_launch or []
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-              f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-              "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-              *(extra_launch or [])]
+              f"--nnodes={nnodes}"]
+    if not any(a.startswith("--rdzv-backend") for a in extra):
+        # Static rendezvous; elastic launches bring their own c10d endpoint instead.
+        launch += [f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
+                   f"--master-port={port or free_port()}"]
+    launch += extra
     proc = subprocess.run([*launch, str(script), *args], cwd=REPO, env=env or worker_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

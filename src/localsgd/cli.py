@@ -22,6 +22,20 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _peer_failure(text: str, timeout_s: float) -> str | None:
+    """A one-line explanation for collectives that failed because of another worker."""
+    if "Timed out" in text or "timed out" in text:
+        return (f"a collective did not complete within dist.timeout_s={timeout_s:g}s: another "
+                "worker is stopped, hung or unreachable. torchrun restarts the job from the "
+                "latest checkpoint when --max-restarts allows; raise dist.timeout_s for slow "
+                "links")
+    if "Connection closed by peer" in text or "Connection reset by peer" in text:
+        return ("another worker went away in the middle of a collective (killed or crashed). "
+                "torchrun restarts the job from the latest checkpoint when --max-restarts "
+                "allows")
+    return None
+
+
 def train_main(argv: list[str]) -> int:
     """Entry of every torchrun worker: ``RECIPE.yaml [dotted.key=value ...]``."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -38,6 +52,7 @@ def train_main(argv: list[str]) -> int:
     from localsgd.train.trainer import Trainer, TrainingError
 
     warnings.filterwarnings("ignore", message=".*epoch parameter in `scheduler.step", )
+    trainer: Trainer | None = None
     try:
         info = init_distributed(cfg.dist)
         validate_launch(cfg, info.world_size, info.local_world_size)
@@ -51,10 +66,18 @@ def train_main(argv: list[str]) -> int:
     except TrainingError as exc:
         return _fail(str(exc), 1)
     except RuntimeError as exc:
-        if "cuda" in str(exc).lower() and "dist.device" in str(exc):
+        if "dist.device" in str(exc):
             return _fail(str(exc), 2)
-        raise
+        peer = _peer_failure(str(exc), cfg.dist.timeout_s)
+        if peer is None:
+            raise
+        # Every rank notices on its own; each says which rank it is.
+        print(f"localsgd: error (rank {os.environ.get('RANK', '0')}): {peer}", file=sys.stderr,
+              flush=True)
+        return 1
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown()
     return 0
 
@@ -82,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="plot runs side by side into PNG files")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default=None, help="output directory (default: the first run's)")
+    p = sub.add_parser("report", help="publish a W&B report comparing the runs of one group")
+    p.add_argument("--project", required=True)
+    p.add_argument("--group", required=True,
+                   help="W&B group (wandb.group; default the recipe name)")
+    p.add_argument("--entity", default=None)
+    p.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_main([args.recipe, *args.overrides])
@@ -91,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from localsgd.report.plots import plot_runs
 
         return plot_runs(args.run_dirs, args.out)
+    if args.command == "report":
+        from localsgd.report.wandb_report import report_main
+
+        return report_main(args.project, args.group, entity=args.entity, title=args.title)
     return 2
 
 

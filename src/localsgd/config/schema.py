@@ -212,7 +212,10 @@ class RunConfig:
     resume: bool = True
     """Resume from the latest complete checkpoint in ``dir/checkpoints`` when one exists."""
     checkpoint_every_epochs: int = 1
-    """Write a checkpoint every N epochs (0 disables checkpoints)."""
+    """Write a checkpoint every N epochs (0: none at epoch ends)."""
+    checkpoint_every_steps: int = 0
+    """Also write one every N optimizer steps, mid-epoch included (0: off). A restarted job
+    loses at most this many steps of work."""
     keep_checkpoints: int = 2
     """Number of most recent checkpoints kept."""
 

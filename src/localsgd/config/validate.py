@@ -98,6 +98,12 @@ def _rules(cfg: RecipeConfig) -> list[str]:
                      "engine.deepspeed_config=deepspeed_configs/zero0_fp32.json")
         elif not Path(e.deepspeed_config).is_file():
             p.append(f"engine.deepspeed_config: file '{e.deepspeed_config}' does not exist")
+        else:
+            # Lazy: checking a recipe must not import torch or DeepSpeed.
+            from localsgd.engines.deepspeed_config import check_deepspeed_config
+
+            p.extend(check_deepspeed_config(e, cfg.sync, cfg.data.batch_size,
+                                            cfg.train.grad_accum))
     else:
         need(e.deepspeed_config is None,
              "engine.deepspeed_config: only used by engine.name=deepspeed; remove it or set "
@@ -108,6 +114,8 @@ def _rules(cfg: RecipeConfig) -> list[str]:
     need(cfg.dist.timeout_s > 0, f"dist.timeout_s: must be > 0, got {cfg.dist.timeout_s}")
     need(cfg.run.checkpoint_every_epochs >= 0,
          f"run.checkpoint_every_epochs: must be >= 0, got {cfg.run.checkpoint_every_epochs}")
+    need(cfg.run.checkpoint_every_steps >= 0,
+         f"run.checkpoint_every_steps: must be >= 0, got {cfg.run.checkpoint_every_steps}")
     need(cfg.run.keep_checkpoints >= 1,
          f"run.keep_checkpoints: must be >= 1, got {cfg.run.keep_checkpoints}")
     return p
@@ -130,5 +138,10 @@ def validate_launch(cfg: RecipeConfig, world_size: int, local_world_size: int) -
         elif world_size // local_world_size < 2:
             p.append("sync.algorithm: hierarchical needs at least 2 nodes (torchrun --nnodes>=2); "
                      "on one node use sync.algorithm=local")
+    if cfg.engine.name == EngineName.deepspeed and cfg.engine.deepspeed_config is not None:
+        from localsgd.engines.deepspeed_config import check_deepspeed_config
+
+        p.extend(check_deepspeed_config(cfg.engine, cfg.sync, cfg.data.batch_size,
+                                        cfg.train.grad_accum, world_size))
     if p:
         raise ConfigError(p)

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from localsgd.config.schema import Backend, Device, DistConfig
 
@@ -67,7 +68,13 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     timeout = timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+            store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
+            # After an elastic restart the store can still hold the previous attempt's
+            # addresses; workers would then dial dead peers. Keys are kept per attempt.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"localsgd/attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         else:
             # Plain `python torchrun_entry.py`: a one-process group keeps a single code path.

@@ -9,6 +9,7 @@ DeepSpeed carries it out (precision, ZeRO stage, bucket sizes, logging). Policy:
   ``gradient_accumulation_steps`` = ``train.grad_accum``,
   ``train_batch_size`` = world size x both, and ``gradient_clipping`` = 0 (recipes do not
   clip; DeepSpeed would clip at 1.0 by default, with an all-reduce of the norm every step).
+  ``managed_gradient_accumulation`` may only be true (the engine sets the boundary).
 * ``optimizer`` and ``scheduler`` must be absent: the recipe's SGD (with its parameter
   groups and linearly scaled LR) is handed to DeepSpeed as the client optimizer, and the
   trainer steps the recipe's LR schedule on it. A JSON section could only duplicate or
@@ -38,7 +39,8 @@ KEY = "engine.deepspeed_config"
 _FP16_NAMES = {"fp16", "float16", "half", "torch.float16", "torch.half"}
 
 
-def _enabled(section: Any) -> bool:
+def enabled(section: Any) -> bool:
+    """Whether a DeepSpeed section such as ``{"enabled": true}`` is switched on."""
     return isinstance(section, dict) and bool(section.get("enabled", False))
 
 
@@ -104,20 +106,25 @@ def _reconcile(ds: dict[str, Any], path: str, sync: SyncConfig, micro_batch: int
         p.append(f"{where} sets gradient_clipping={json.dumps(clip)}, but recipes do not "
                  "clip gradients (and DeepSpeed's clipping all-reduces the norm every step, "
                  "which local steps must not); remove it or set it to 0.0")
+    managed = ds.get("managed_gradient_accumulation", True)
+    if managed is not True:
+        p.append(f"{where} sets managed_gradient_accumulation={json.dumps(managed)}, but the "
+                 "engine marks the accumulation boundary itself (the last of train.grad_accum "
+                 "micro-batches); remove it")
     for key, owner in (("optimizer", "optim.*"), ("scheduler", "lr_schedule.*")):
         if key in ds:
             p.append(f"{where} has an '{key}' section, but the recipe's {owner} defines it "
                      f"and is handed to DeepSpeed as is; remove '{key}' from the JSON")
 
-    if _enabled(ds.get("fp16")):
+    if enabled(ds.get("fp16")):
         p.append(f"{where} enables fp16, which the deepspeed engine does not support: "
                  "DeepSpeed's CPU accelerator has no fp16 and its loss scaler skips steps per "
                  "worker; use bf16 (deepspeed_configs/zero0_bf16.json) or fp32")
     autocast = ds.get("torch_autocast")
-    if _enabled(autocast) and str(autocast.get("dtype", "")).lower() in _FP16_NAMES:
+    if enabled(autocast) and str(autocast.get("dtype", "")).lower() in _FP16_NAMES:
         p.append(f"{where} sets torch_autocast.dtype={autocast['dtype']}: fp16 is not "
                  "supported by the deepspeed engine; use dtype bfloat16 or the bf16 section")
-    if _enabled(ds.get("amp")):
+    if enabled(ds.get("amp")):
         p.append(f"{where} enables apex amp, which the deepspeed engine does not support; "
                  "use bf16 instead")
 

@@ -105,10 +105,15 @@ def collect_series(run_dirs: list[str | Path]) -> dict[str, dict[str, Series]]:
 
 
 def draw(spec: PlotSpec, series: dict[str, Series]) -> Figure:
-    """One figure with a line per run. Built without pyplot: no global backend state."""
+    """One figure with a line per run, on the Agg canvas.
+
+    Built without pyplot: no global backend switch, no figure registry to leak from.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, (xs, ys) in series.items():
         ax.plot([x / spec.x_scale for x in xs], ys, marker="o", markersize=3, label=label)

@@ -7,7 +7,7 @@ The controller owns the one step counter. Engines expose the tensors to average 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -131,8 +131,11 @@ class SyncController:
         events, self.events = self.events, []
         return events
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        # Pending events belong to the epoch in progress; a mid-epoch resume must log them.
+        return {"step": self.step,
+                "events": [[e.step, e.action, e.distance] for e in self.events]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.events = [SyncEvent(int(s), str(a), float(d)) for s, a, d in state["events"]]

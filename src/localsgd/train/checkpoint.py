@@ -76,23 +76,23 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - any unreadable file means "try an older one"
             return None
 
-    def load_latest(self, device: torch.device) -> tuple[dict[str, Any], int] | None:
-        """(state, world size it was written with), or None; all ranks get the same step.
+    def load_latest(self, device: torch.device) -> tuple[list[dict[str, Any]], int] | None:
+        """(states, world size they were written with), or None; all ranks pick the same step.
 
-        With a different world size, every rank loads rank 0's file of that checkpoint.
+        With the same world size a rank gets its own state; with another, every rank gets the
+        states of all old ranks (the caller averages them), so a shared run directory is needed.
         """
         for folder in _step_dirs(self.root):
             if not (folder / MARKER).exists():
                 continue
-            meta = json.loads((folder / MARKER).read_text())
-            src = self.rank if meta["world_size"] == self.world_size else 0
-            state = self._readable(folder, src)
-            ok = torch.tensor([1 if state is not None else 0], device=device)
+            old_world = int(json.loads((folder / MARKER).read_text())["world_size"])
+            sources = [self.rank] if old_world == self.world_size else list(range(old_world))
+            states = [self._readable(folder, r) for r in sources]
+            ok = torch.tensor([1 if all(x is not None for x in states) else 0], device=device)
             with self.meter.timed("other", ok.numel() * ok.element_size()):
                 dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if int(ok.item()) == 1:
-                assert state is not None
-                return state, int(meta["world_size"])
+                return [x for x in states if x is not None], old_world
             if self.rank == 0:
                 warnings.warn(f"checkpoint {folder} is incomplete or corrupted on at least one "
                               "rank; falling back to the previous one", stacklevel=2)

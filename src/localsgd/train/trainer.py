@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from localsgd.sync.schedule import SyncSchedule
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
+from localsgd.train.state import TrainState, average_states, rng_state, set_rng_state
 from localsgd.train.timing import PhaseTimer
 
 
@@ -46,10 +46,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.meter = CommMeter()
         self.timer = PhaseTimer(self.device)
-        self.epoch = 0
-        self.best_acc = 0.0
-        self.time_to_target: float | None = None
-        self.elapsed = 0.0
+        self.state = TrainState()
         self.last_eval: dict[str, float] = {}
 
     def _agree(self, ok: bool) -> bool:
@@ -126,86 +123,116 @@ class Trainer:
 
     # checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
-        return {
-            "engine": self.engine.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sync": self.controller.state_dict(),
-            "meter": self.meter.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "trainer": {"epoch": self.epoch, "best_acc": self.best_acc,
-                        "time_to_target": self.time_to_target, "elapsed": self.elapsed},
-        }
+        return {"engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "sync": self.controller.state_dict(), "meter": self.meter.state_dict(),
+                "rng": rng_state(), "trainer": self.state.state_dict()}
+
+    def _save_checkpoint(self) -> None:
+        # A checkpoint is only worth keeping if training could go on from it.
+        finite = all(bool(torch.isfinite(p).all()) for p in self.engine.sync_params())
+        if not self._agree(finite):
+            raise TrainingError(f"parameters became non-finite by step {self.controller.step} "
+                                f"(epoch {self.state.epoch}); lower optim.base_lr. The last "
+                                "checkpoint was left intact.")
+        self.checkpointer.save(self.controller.step, self._state())
 
     def _resume(self) -> None:
         found = self.checkpointer.load_latest(self.device)
         if found is None:
             return
-        state, world = found
-        self.engine.load_state_dict(state["engine"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.controller.load_state_dict(state["sync"])
+        states, old_world = found
+        if old_world == self.info.world_size:
+            state = states[0]
+            self.engine.load_state_dict(state["engine"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.controller.load_state_dict(state["sync"])
+            self.state.load_state_dict(state["trainer"])
+        else:
+            # Another world size: start from the average of the old workers' models (and
+            # momentum) at the beginning of the checkpoint's epoch, re-partitioned over the new
+            # workers; the per-worker batch stays, so the LR follows the new global batch.
+            state = states[0]
+            self.engine.load_state_dict(average_states([s["engine"] for s in states]))
+            self.state.load_state_dict(state["trainer"])
+            self.state.epoch_step = 0
+            self.state.stats.zero_()
+            self.controller.step = self.state.epoch * self.steps_per_epoch
+            for _ in range(self.controller.step):
+                self.scheduler.step()
         self.meter.load_state_dict(state["meter"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        t = state["trainer"]
-        self.epoch, self.best_acc = int(t["epoch"]), float(t["best_acc"])
-        self.time_to_target, self.elapsed = t["time_to_target"], float(t["elapsed"])
+        set_rng_state(state["rng"])
         if self.info.is_main:
-            tqdm.write(f"resumed from step {self.controller.step} (epoch {self.epoch}, "
-                       f"written by {world} workers)")
+            tqdm.write(f"resumed from step {self.controller.step} (epoch {self.state.epoch}, "
+                       f"written by {old_world} workers, now {self.info.world_size})")
 
     # the loop -----------------------------------------------------------------------------
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
-        return self.epoch >= self.cfg.train.epochs or (
+        return self.state.epoch >= self.cfg.train.epochs or (
             max_steps is not None and self.controller.step >= max_steps)
 
     def train(self) -> dict[str, Any]:
-        start = time.perf_counter() - self.elapsed
+        start = time.perf_counter() - self.state.elapsed
         while not self._done():
             self._train_epoch(start)
         self.controller.finish(self.engine)
         for e in self.controller.pop_events():
             self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
                                 "sync/consensus_distance_rank0": e.distance})
-        summary = self._finish(time.perf_counter() - start)
-        self.reporters.close()
-        return summary
+        return self._finish(time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Flush and close the sinks, also when training stopped on an error."""
+        reporters = getattr(self, "reporters", None)
+        if reporters is not None:
+            reporters.close()
+            self.reporters = Reporters([])
 
     def _train_epoch(self, start: float) -> None:
-        cfg, info = self.cfg, self.info
-        self.sampler.set_epoch(self.epoch)
+        cfg, info, st = self.cfg, self.info, self.state
+        self.sampler.set_epoch(st.epoch)
+        # Mid-epoch resume: the sampler drops the batches this epoch already consumed.
+        self.sampler.set_resume(st.epoch, st.epoch_step * cfg.train.grad_accum)
+        if st.epoch_step == 0:
+            st.stats.zero_()
+            st.epoch_seconds = 0.0
+            st.epoch_comm_bytes = self.meter.flat()["comm/bytes"]
         self.engine.train()
         loss_fn = nn.CrossEntropyLoss()
-        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
-        comm_before = self.meter.flat()
-        epoch_start = time.perf_counter()
+        stats = st.stats.to(self.device)
+        resumed_at = time.perf_counter()
         batches = iter(self.loader)
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch}", leave=False,
-                   disable=not (cfg.train.progress and info.is_main))
-        steps = 0
-        for _ in range(self.steps_per_epoch):
-            if self._done():
-                break
+        bar = tqdm(total=self.steps_per_epoch, initial=st.epoch_step, desc=f"epoch {st.epoch}",
+                   leave=False, disable=not (cfg.train.progress and info.is_main))
+        every = cfg.run.checkpoint_every_steps
+        while st.epoch_step < self.steps_per_epoch and not self._done():
             # A named scope per step lets profiler traces attribute every collective to a step.
             with record_function(f"localsgd.step.{self.controller.step}"):
                 loss = self._train_step(batches, loss_fn, stats)
-            steps += 1
+            st.epoch_step += 1
             bar.update(1)
             if info.is_main and self.controller.step % cfg.train.log_every_steps == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self.reporters.log({
                     "event": "step", "step": self.controller.step,
-                    "epoch": self.epoch + steps / self.steps_per_epoch,
+                    "epoch": st.epoch + st.epoch_step / self.steps_per_epoch,
                     "train/loss_rank0": loss, "lr": self.optimizer.param_groups[0]["lr"],
                     "time/wall_s": time.perf_counter() - start})
+            if every and self.controller.step % every == 0 and (
+                    st.epoch_step < self.steps_per_epoch and not self._done()):
+                # Epoch ends save in _end_epoch, after the epoch's records are complete.
+                st.stats.copy_(stats)
+                st.elapsed = time.perf_counter() - start
+                st.epoch_seconds += time.perf_counter() - resumed_at
+                resumed_at = time.perf_counter()
+                self._save_checkpoint()
         bar.close()
-        epoch_time = time.perf_counter() - epoch_start
-        self.epoch += 1
-        self._end_epoch(stats, steps, epoch_time, comm_before, start)
+        st.stats.copy_(stats)
+        st.epoch_seconds += time.perf_counter() - resumed_at
+        steps = st.epoch_step
+        st.epoch += 1
+        st.epoch_step = 0
+        self._end_epoch(stats, steps, st.epoch_seconds, start)
 
     def _train_step(self, batches: Iterator[Any], loss_fn: nn.Module,
                     stats: torch.Tensor) -> float:
@@ -224,8 +251,8 @@ class Trainer:
             stats[2] += y.numel()
         value = float(loss)
         if not math.isfinite(value):
-            raise TrainingError(f"loss is {value} at step {self.controller.step} (epoch "
-                                f"{self.epoch}); lower optim.base_lr or check the data. The "
+            raise TrainingError(f"loss is {value} in step {self.controller.step + 1} (epoch "
+                                f"{self.state.epoch}); lower optim.base_lr or check the data. The "
                                 "last checkpoint was left intact.")
         with self.timer.phase("comm_opt"):
             self.engine.optimizer_step()
@@ -234,8 +261,8 @@ class Trainer:
         return value
 
     def _end_epoch(self, stats: torch.Tensor, steps: int, epoch_time: float,
-                   comm_before: dict[str, float], start: float) -> None:
-        cfg, info = self.cfg, self.info
+                   start: float) -> None:
+        cfg, info, st = self.cfg, self.info, self.state
         events = self.controller.pop_events()
         # One collective carries the epoch's train sums and every sync's distance.
         packed = torch.cat([stats, torch.tensor([e.distance for e in events],
@@ -245,7 +272,7 @@ class Trainer:
         loss_sum, correct, count = packed[:3].tolist()
         distances = (packed[3:] / info.world_size).tolist()
         record: dict[str, Any] = {
-            "event": "epoch", "epoch": self.epoch, "step": self.controller.step,
+            "event": "epoch", "epoch": st.epoch, "step": self.controller.step,
             "samples": self.controller.step * info.world_size * cfg.data.batch_size
             * cfg.train.grad_accum,
             "train/loss": loss_sum / max(count, 1), "train/acc": correct / max(count, 1),
@@ -260,23 +287,24 @@ class Trainer:
             record["sync/consensus_distance"] = sum(distances) / len(distances)
         comm_now = self.meter.flat()
         record.update(comm_now)
-        record["comm/epoch_bytes"] = comm_now["comm/bytes"] - comm_before["comm/bytes"]
-        if self.epoch % cfg.train.eval_every_epochs == 0 or self._done():
+        record["comm/epoch_bytes"] = comm_now["comm/bytes"] - st.epoch_comm_bytes
+        if st.epoch % cfg.train.eval_every_epochs == 0 or self._done():
             record.update(self._evaluate())
             acc = record["eval/acc"]
-            self.best_acc = max(self.best_acc, acc)
-            if (cfg.train.target_acc is not None and self.time_to_target is None
+            st.best_acc = max(st.best_acc, acc)
+            if (cfg.train.target_acc is not None and st.time_to_target is None
                     and acc >= cfg.train.target_acc):
-                self.time_to_target = time.perf_counter() - start
-        self.elapsed = time.perf_counter() - start
-        record["time/wall_s"] = self.elapsed
+                st.time_to_target = time.perf_counter() - start
+        st.elapsed = time.perf_counter() - start
+        record["time/wall_s"] = st.elapsed
         for e, d in zip(events, distances, strict=True):
             self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
                                 "sync/consensus_distance": d})
         self.reporters.log(record)
-        every = cfg.run.checkpoint_every_epochs
-        if every and (self.epoch % every == 0 or self._done()):
-            self.checkpointer.save(self.controller.step, self._state())
+        every, every_steps = cfg.run.checkpoint_every_epochs, cfg.run.checkpoint_every_steps
+        if (every and (st.epoch % every == 0 or self._done())) or (
+                every_steps and self.controller.step % every_steps == 0):
+            self._save_checkpoint()
 
     def _evaluate(self) -> dict[str, float]:
         if self.averaged_eval:
@@ -300,11 +328,12 @@ class Trainer:
         samples = self.controller.step * info.world_size * cfg.data.batch_size \
             * cfg.train.grad_accum
         summary: dict[str, Any] = {
-            "eval/acc": self.last_eval.get("eval/acc"), "eval/best_acc": self.best_acc,
+            "eval/acc": self.last_eval.get("eval/acc"), "eval/best_acc": self.state.best_acc,
             "eval/loss": self.last_eval.get("eval/loss"),
             "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
-            "step": self.controller.step, "epoch": self.epoch, "world_size": info.world_size,
-            "sync/algorithm": cfg.sync.algorithm.value, "time/to_target_s": self.time_to_target,
+            "step": self.controller.step, "epoch": self.state.epoch,
+            "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm.value,
+            "time/to_target_s": self.state.time_to_target,
             **self.meter.flat(),
         }
         if info.is_main:

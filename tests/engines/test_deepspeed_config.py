@@ -1,0 +1,162 @@
+"""The DeepSpeed JSON policy: recipe-owned keys filled or rejected, unsupported set-ups named."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from localsgd.config import load_config
+from localsgd.config.errors import ConfigError
+from localsgd.config.schema import Algorithm, EngineConfig, EngineName, SyncConfig
+from localsgd.dist.env import DistInfo
+from localsgd.engines.deepspeed_config import check_deepspeed_config, resolve_deepspeed_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((REPO / "deepspeed_configs").glob("*.json"))
+LOCAL = SyncConfig(algorithm=Algorithm.local, period=4)
+MINIBATCH = SyncConfig()
+
+
+def engine(tmp_path: Path, ds: dict) -> EngineConfig:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    return EngineConfig(name=EngineName.deepspeed, deepspeed_config=str(path))
+
+
+def test_shipped_configs_exist_and_are_plain_deepspeed_json() -> None:
+    names = {p.name for p in SHIPPED}
+    assert {"zero0_fp32.json", "zero0_bf16.json"} <= names
+    for p in SHIPPED:
+        ds = json.loads(p.read_text())
+        assert isinstance(ds, dict) and "zero_optimization" in ds
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("sync", [MINIBATCH, LOCAL, SyncConfig(
+    algorithm=Algorithm.post_local, period=4, switch_step=3)], ids=["minibatch", "local",
+                                                                   "post_local"])
+def test_shipped_configs_pass_for_every_algorithm(path: Path, sync: SyncConfig) -> None:
+    cfg = EngineConfig(name=EngineName.deepspeed, deepspeed_config=str(path))
+    assert check_deepspeed_config(cfg, sync, 16, 2, world_size=4) == []
+
+
+def test_every_recipe_naming_a_config_agrees_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # recipes name their JSON relative to the repository root
+    shipped = {p.resolve() for p in SHIPPED}
+    for recipe in sorted((REPO / "recipes").rglob("*.yaml")):
+        cfg = load_config(recipe)
+        path = cfg.engine.deepspeed_config
+        if cfg.engine.name != EngineName.deepspeed or path is None:
+            continue
+        assert Path(path).resolve() in shipped, (recipe, path)
+        problems = check_deepspeed_config(cfg.engine, cfg.sync, cfg.data.batch_size,
+                                          cfg.train.grad_accum)
+        assert problems == [], (recipe, problems)
+
+
+def test_recipe_owned_keys_are_filled() -> None:
+    cfg = EngineConfig(name=EngineName.deepspeed,
+                       deepspeed_config=str(REPO / "deepspeed_configs/zero0_fp32.json"))
+    ds = resolve_deepspeed_config(cfg, LOCAL, 16, 2, 4)
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 128
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed's own default is 1.0
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_matching_and_auto_values_are_accepted(tmp_path: Path) -> None:
+    cfg = engine(tmp_path, {"train_micro_batch_size_per_gpu": 16,
+                            "gradient_accumulation_steps": "auto", "train_batch_size": 64,
+                            "gradient_clipping": 0.0, "zero_optimization": {"stage": 0}})
+    assert check_deepspeed_config(cfg, LOCAL, 16, 2, world_size=2) == []
+    assert resolve_deepspeed_config(cfg, LOCAL, 16, 2, 2)["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.parametrize(("ds", "needles"), [
+    ({"train_micro_batch_size_per_gpu": 7},
+     ["train_micro_batch_size_per_gpu=7", "data.batch_size=16", "remove"]),
+    ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps=4", "train.grad_accum=2"]),
+    ({"train_batch_size": 100}, ["train_batch_size=100", "world size 2"]),
+    ({"gradient_clipping": 1.0}, ["gradient_clipping=1.0", "set it to 0.0"]),
+    ({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, ["'optimizer'", "optim.*"]),
+    ({"scheduler": {"type": "WarmupLR"}}, ["'scheduler'", "lr_schedule.*"]),
+    ({"fp16": {"enabled": True}}, ["fp16", "CPU accelerator", "bf16"]),
+    ({"torch_autocast": {"enabled": True, "dtype": "float16"}}, ["torch_autocast.dtype"]),
+    ({"amp": {"enabled": True}}, ["amp"]),
+    ({"zero_optimization": {"stage": 1}},
+     ["zero_optimization.stage=1", "sync.algorithm=local", "minibatch", "stage-0"]),
+    ({"zero_optimization": {"stage": 2}}, ["zero_optimization.stage=2", "sync.algorithm=local"]),
+    ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3"]),
+    ({"zero_optimization": {"stage": "two"}}, ["zero_optimization.stage=\"two\""]),
+    ({"managed_gradient_accumulation": False}, ["managed_gradient_accumulation=false"]),
+])
+def test_contradictions_name_file_key_and_fix(tmp_path: Path, ds: dict,
+                                              needles: list[str]) -> None:
+    cfg = engine(tmp_path, ds)
+    problems = check_deepspeed_config(cfg, LOCAL, 16, 2, world_size=2)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"engine.deepspeed_config: '{cfg.deepspeed_config}'")
+    for needle in needles:
+        assert needle in problems[0]
+    with pytest.raises(ConfigError) as err:
+        resolve_deepspeed_config(cfg, LOCAL, 16, 2, 2)
+    assert err.value.problems == problems
+
+
+def test_zero_is_allowed_for_minibatch_and_untested_optimizer_filled(tmp_path: Path) -> None:
+    cfg = engine(tmp_path, {"zero_optimization": {"stage": 2}})
+    assert check_deepspeed_config(cfg, MINIBATCH, 16, 1) == []
+    assert resolve_deepspeed_config(cfg, MINIBATCH, 16, 1, 2)["zero_allow_untested_optimizer"]
+    refused = engine(tmp_path, {"zero_optimization": {"stage": 1},
+                                "zero_allow_untested_optimizer": False})
+    assert "zero_allow_untested_optimizer=false" in check_deepspeed_config(
+        refused, MINIBATCH, 16, 1)[0]
+
+
+def test_train_batch_size_without_world_size_is_checked_for_divisibility(
+        tmp_path: Path) -> None:
+    assert check_deepspeed_config(engine(tmp_path, {"train_batch_size": 96}), LOCAL, 16, 2) == []
+    assert "not a multiple" in check_deepspeed_config(
+        engine(tmp_path, {"train_batch_size": 40}), LOCAL, 16, 2)[0]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    cfg = engine(tmp_path, {"train_micro_batch_size_per_gpu": 7, "fp16": {"enabled": True},
+                            "zero_optimization": {"stage": 1}})
+    assert len(check_deepspeed_config(cfg, LOCAL, 16, 1, world_size=2)) == 3
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (None, "does not exist"), ("{not json", "not valid JSON"), ("[1, 2]", "JSON object")])
+def test_unreadable_json(tmp_path: Path, text: str | None, needle: str) -> None:
+    path = tmp_path / "bad.json"
+    if text is not None:
+        path.write_text(text)
+    cfg = EngineConfig(name=EngineName.deepspeed, deepspeed_config=str(path))
+    problems = check_deepspeed_config(cfg, LOCAL, 16, 1)
+    assert len(problems) == 1 and needle in problems[0] and str(path) in problems[0]
+
+
+def test_other_engines_are_not_checked() -> None:
+    assert check_deepspeed_config(EngineConfig(), LOCAL, 16, 1) == []
+
+
+def test_missing_deepspeed_is_a_config_error_with_install_hint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from localsgd.engines.deepspeed import DeepSpeedEngine
+    from localsgd.sync.accounting import CommMeter
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    model = torch.nn.Linear(2, 2)
+    cfg = EngineConfig(name=EngineName.deepspeed,
+                       deepspeed_config=str(REPO / "deepspeed_configs/zero0_fp32.json"))
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[deepspeed\]'") as err:
+        DeepSpeedEngine(cfg, LOCAL, model, torch.optim.SGD(model.parameters(), lr=0.1), info,
+                        CommMeter(), 16, 1)
+    assert err.value.problems[0].startswith("engine.name: deepspeed needs DeepSpeed")
