@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,12 +44,27 @@ def torchrun(args: list[str], nproc: int = 2, *, nnodes: int = 1, node_rank: int
         launch += [f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
                    f"--master-port={port or free_port()}"]
     launch += extra
-    proc = subprocess.run([*launch, str(script), *args], cwd=REPO, env=env or worker_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = run_group([*launch, str(script), *args], env=env or worker_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def run_group(cmd: list[str], env: dict[str, str],
+              timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (agent and
+    workers alike), so a hung test leaves no orphaned workers behind."""
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(
+                f"timed out after {timeout}s:\n{out[-3000:]}\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def synthetic_args(run_dir: Path, *extra: str) -> list[str]:

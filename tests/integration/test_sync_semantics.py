@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, free_port, synthetic_args, torchrun, worker_env
+from conftest import REPO, free_port, synthetic_args, torchrun
 
 from localsgd.config import load_config
 from localsgd.sync.schedule import Action, SyncSchedule
@@ -166,16 +166,11 @@ def test_hierarchical_two_nodes_two_workers(tmp_path: Path) -> None:
     args = synthetic_args(run_dir, "sync.algorithm=hierarchical", "sync.period=2",
                           "sync.block_period=3", "train.max_steps=13",
                           "data.synthetic_samples=1024")
-    launch = ["python", "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=2",
-              "--master-addr=127.0.0.1", f"--master-port={port}"]
-    import sys
-
-    launch[0] = sys.executable
-    agents = [subprocess.Popen([*launch, f"--node-rank={n}", str(PROBE), *args], cwd=REPO,
-                               env=worker_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for n in range(2)]
-    outs = [a.communicate(timeout=300) for a in agents]
-    assert all(a.returncode == 0 for a in agents), outs
+    # Both agents share one static rendezvous endpoint; each runs in a thread.
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda n: torchrun(args, nnodes=2, node_rank=n, port=port,
+                                                  script=PROBE), range(2)))
+    assert all(p.returncode == 0 for p in procs)
     probes = [json.loads((run_dir / "probe" / f"rank{r}.json").read_text()) for r in range(4)]
     h = [hashes(p) for p in probes]
     for step in range(1, 14):
