@@ -20,7 +20,9 @@ COMMON = ["sync.algorithm=post_local", "sync.switch_step=20", "sync.period=5",
 
 
 def elastic(port: int) -> list[str]:
-    return ["--max-restarts=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    """An elastic launch as documented: 1 to 2 nodes, c10d rendezvous, restarts allowed."""
+    return ["--nnodes=1:2", "--max-restarts=2", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=last_call_timeout=1"]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
