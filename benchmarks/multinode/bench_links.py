@@ -1,0 +1,224 @@
+"""Steps/s, on-wire bytes and peak memory of the sync modes over shaped links (root only).
+
+    sudo python benchmarks/multinode/bench_links.py [--rates 1gbit,100mbit,20mbit]
+
+Every variant is a real ``torchrun_entry.py`` job (ResNet-20, synthetic 32x32 data) run across
+emulated nodes by ``netem.py``; one topology is built and reshaped between rates. Per run it
+keeps the trainer's summary (steps/s, samples/s, ``comm/bytes``), the bytes each node's veth
+sent, and the peak RSS per node. Results: ``results/links-<stamp>.json`` and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netem  # noqa: E402 - a sibling script, not an installed package
+
+HERE = Path(__file__).resolve().parent
+RECIPE = netem.REPO / "recipes" / "tests" / "tiny_synthetic.yaml"
+# Ethernet (14) + IPv4 (20) + TCP with timestamps (32) per packet the veth counts; with GSO
+# one counted "packet" may carry up to 64 KiB, so this is charged per counted packet.
+HEADER_BYTES = 66
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: tuple[str, ...]
+    nproc_per_node: int = 1
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("minibatch", ("sync.algorithm=minibatch",)),
+    Variant("local-H4", ("sync.algorithm=local", "sync.period=4")),
+    Variant("local-H16", ("sync.algorithm=local", "sync.period=16")),
+    Variant("local-H64", ("sync.algorithm=local", "sync.period=64")),
+    Variant("post_local-H16", ("sync.algorithm=post_local", "sync.switch_step=8",
+                               "sync.period=16")),
+    Variant("hier-2x2-H4-Hb4", ("sync.algorithm=hierarchical", "sync.period=4",
+                                "sync.block_period=4"), nproc_per_node=2),
+    # One average in 100000 steps is never reached: the job's only traffic is setup and the
+    # final evaluation, the ceiling any sync mode can approach.
+    Variant("no-comm", ("sync.algorithm=local", "sync.period=100000")),
+)}
+
+
+def train_args(variant: Variant, steps: int, batch: int, run_dir: Path) -> list[str]:
+    # 4096 samples: no epoch boundary (and so no mid-run evaluation) within `steps` for up
+    # to 4 workers at batch 16, so every variant evaluates exactly once, at the end.
+    return [str(RECIPE), "data.name=synthetic", "data.image_size=32",
+            "data.synthetic_samples=4096", f"data.batch_size={batch}", "model.name=resnet20",
+            f"train.max_steps={steps}", "train.progress=false", "train.log_every_steps=8",
+            "run.checkpoint_every_epochs=0", "run.resume=false", f"run.dir={run_dir}",
+            *variant.overrides]
+
+
+def ring_factor(ranks: int) -> float:
+    """Share of the payload each rank sends in a ring all-reduce (reduce-scatter+all-gather)."""
+    return 2 * (ranks - 1) / ranks if ranks > 1 else 0.0
+
+
+def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
+            out: Path) -> dict[str, Any]:
+    run_dir = out / "runs" / rate / variant.name
+    loopback = rate == "loopback"
+    job = netem.run_job(nodes, variant.nproc_per_node, train_args(variant, steps, batch, run_dir),
+                        loopback=loopback, log_dir=run_dir / "logs")
+    row: dict[str, Any] = {"variant": variant.name, "rate": rate, "nodes": nodes,
+                           "nproc_per_node": variant.nproc_per_node, "ok": job.ok,
+                           "job_wall_s": job.wall_s, "node_results": [asdict(n) for n in job.nodes]}
+    summary_path = run_dir / "summary.json"
+    if not job.ok or not summary_path.exists():
+        return row
+    s = json.loads(summary_path.read_text())
+    ranks = int(s["world_size"])
+    row.update({
+        "step": s["step"], "wall_s": s["time/wall_s"], "steps_per_s": s["step"] / s["time/wall_s"],
+        "samples_per_s": s["throughput/samples_per_s"],
+        "comm": {k: v for k, v in s.items() if k.startswith("comm/")},
+        "max_rss_mib": max(n.max_rss_kib for n in job.nodes) / 1024,
+    })
+    if loopback:
+        return row
+    # The engine counts the payload one rank hands to collectives; in a flat ring every rank
+    # puts 2(K-1)/K of it on its link. Hierarchical runs keep intra-node averages off the wire
+    # (same-namespace peers talk over lo), so this expectation does not apply to them.
+    expected = s["comm/bytes"] * ring_factor(ranks)
+    tx = [n.tx_bytes or 0 for n in job.nodes]
+    headers = [(n.tx_packets or 0) * HEADER_BYTES for n in job.nodes]
+    mean_tx = sum(tx) / len(tx)
+    mean_l4 = (sum(tx) - sum(headers)) / len(tx)
+    row.update({
+        "engine_bytes_per_rank": s["comm/bytes"], "ring_factor": ring_factor(ranks),
+        "expected_wire_bytes_per_node": expected, "wire_tx_bytes_per_node": tx,
+        "wire_tx_mean": mean_tx, "wire_tx_mean_minus_headers": mean_l4,
+        "wire_ratio": mean_tx / expected if expected else None,
+        "wire_ratio_minus_headers": mean_l4 / expected if expected else None,
+        "qdisc_drops": sum(n.qdisc_drops or 0 for n in job.nodes),
+        "flat_ring": variant.nproc_per_node == 1,
+    })
+    return row
+
+
+def add_marginal(rows: list[dict[str, Any]]) -> None:
+    """Wire-vs-engine ratio of the bytes a variant adds over no-comm at the same rate.
+
+    Rendezvous, DDP's initial broadcast (rank 0 sends, the others do not, yet each rank counts
+    the payload) and the final evaluation are the same in every run; subtracting the no-comm
+    run cancels them and leaves the all-reduces that the sync mode itself adds.
+    """
+    base = {r["rate"]: r for r in rows if r["variant"] == "no-comm" and "wire_tx_mean" in r}
+    for r in rows:
+        b = base.get(r["rate"])
+        if b is None or not r.get("flat_ring") or r is b:
+            continue
+        extra_engine = (r["engine_bytes_per_rank"] - b["engine_bytes_per_rank"]) * r["ring_factor"]
+        if extra_engine <= 0:
+            continue
+        r["marginal_wire_ratio"] = (r["wire_tx_mean"] - b["wire_tx_mean"]) / extra_engine
+        r["marginal_wire_ratio_minus_headers"] = (
+            (r["wire_tx_mean_minus_headers"] - b["wire_tx_mean_minus_headers"]) / extra_engine)
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def tables(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
+    by = {(r["rate"], r["variant"]): r for r in rows if "steps_per_s" in r}
+    lines = ["| rate | variant | steps/s | samples/s | engine MiB/rank | wire MiB/node (tx) | "
+             "wire/expected | minus headers | marginal | marginal minus headers | peak RSS MiB |",
+             "|---" * 11 + "|"]
+    for rate in rates:
+        for name in VARIANTS:
+            r = by.get((rate, name))
+            if r is None:
+                continue
+            flat = r.get("flat_ring", False)
+            lines.append(
+                f"| {rate} | {name} | {r['steps_per_s']:.2f} | {r['samples_per_s']:.1f} | "
+                f"{r['comm']['comm/bytes'] / 2**20:.2f} | "
+                f"{_fmt(r.get('wire_tx_mean', 0) / 2**20 if 'wire_tx_mean' in r else None)} | "
+                f"{_fmt(r.get('wire_ratio') if flat else None, '.3f')} | "
+                f"{_fmt(r.get('wire_ratio_minus_headers') if flat else None, '.3f')} | "
+                f"{_fmt(r.get('marginal_wire_ratio'), '.3f')} | "
+                f"{_fmt(r.get('marginal_wire_ratio_minus_headers'), '.3f')} | "
+                f"{r['max_rss_mib']:.0f} |")
+    lines += ["", "| rate | H16 / no-comm | H16 / minibatch | post_local / minibatch | "
+              "no-comm / minibatch |", "|---|---|---|---|---|"]
+    for rate in rates:
+        def sps(name: str, rate: str = rate) -> float | None:
+            r = by.get((rate, name))
+            return None if r is None else r["steps_per_s"]
+
+        def ratio(a: str, b: str) -> str:
+            x, y = sps(a), sps(b)
+            return "-" if x is None or y is None else f"{x / y:.2f}"
+
+        lines.append(f"| {rate} | {ratio('local-H16', 'no-comm')} | "
+                     f"{ratio('local-H16', 'minibatch')} | "
+                     f"{ratio('post_local-H16', 'minibatch')} | {ratio('no-comm', 'minibatch')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="1gbit,100mbit,20mbit",
+                    help="comma list of tc rates; 'loopback' runs without namespaces")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=64, help="multiple of every H (and H*H_b)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    rates = [r for r in args.rates.split(",") if r]
+    names = [v for v in args.variants.split(",") if v]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = Path("/tmp") / f"lsgd-links-{stamp}"  # run dirs: large, not worth keeping
+    rows: list[dict[str, Any]] = []
+    shaped = [r for r in rates if r != "loopback"]
+    topo = netem.Topology(args.nodes, shaped[0]) if shaped else None
+    try:
+        with netem.Session(topo):
+            for rate in rates:
+                if rate != "loopback" and topo is not None:
+                    netem.set_rate(topo, rate)
+                for name in names:
+                    row = measure(VARIANTS[name], rate, args.nodes, args.steps, args.batch, work)
+                    rows.append(row)
+                    print(f"{rate:>9} {name:<16} ok={row['ok']} "
+                          f"steps/s={_fmt(row.get('steps_per_s'))} "
+                          f"wire/expected={_fmt(row.get('wire_ratio'), '.3f')}", flush=True)
+    except netem.NotRootError as exc:
+        print(f"bench_links: error: {exc}", file=sys.stderr)
+        return 1
+    add_marginal(rows)
+    table = tables(rows, rates)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"links-{stamp}.json"
+    meta = {"host": platform.node(), "cpus": netem.os.cpu_count(), "kernel": platform.release(),
+            "shaper": topo.shaper if topo else None,
+            "delay": topo.delay if topo and topo.shaper == "netem" else None,
+            "steps": args.steps, "batch": args.batch, "nodes": args.nodes,
+            "model": "resnet20", "data": "synthetic 32x32"}
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=1))
+    print(f"wrote {path}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

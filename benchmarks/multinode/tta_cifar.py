@@ -1,0 +1,114 @@
+"""Time-to-accuracy on real CIFAR-10 over a slow link: mini-batch vs post-local SGD (root only).
+
+    sudo python benchmarks/multinode/tta_cifar.py [--rate 20mbit --target 0.30]
+
+ResNet-20, 2 emulated nodes x 1 worker (``netem.py``), a short schedule that fits a 2-core
+machine. Both runs share seed, data subset and LR schedule; post-local switches to H-step
+local SGD after the first epoch. Writes ``results/tta-<stamp>.json`` and the plots of
+``localsgd plot`` (accuracy vs epoch / wall time / bytes) into ``results/tta-<stamp>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netem  # noqa: E402 - a sibling script, not an installed package
+
+HERE = Path(__file__).resolve().parent
+RECIPE = netem.REPO / "recipes" / "quickstart.yaml"
+DATA = netem.REPO.parent / "shared" / "data" / "cifar10"
+
+
+def common_args(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    return [str(RECIPE), f"data.root={args.data}", "data.download=false",
+            f"data.train_subset={args.train_subset}", f"data.test_subset={args.test_subset}",
+            "data.num_workers=0", f"train.epochs={args.epochs}", f"train.target_acc={args.target}",
+            # Warm up over the first epoch, decay before the last: the quickstart's shape,
+            # compressed to this schedule.
+            "lr_schedule.warmup_epochs=1", f"lr_schedule.milestones=[{args.epochs - 1}]",
+            "train.progress=false", "run.checkpoint_every_epochs=0", "run.resume=false",
+            f"run.dir={run_dir}"]
+
+
+def time_to(records: list[dict[str, Any]], acc: float) -> float | None:
+    """First wall time at which an evaluation reached ``acc`` (same rule as the trainer)."""
+    for rec in records:
+        if rec.get("eval/acc") is not None and rec["eval/acc"] >= acc:
+            return float(rec["time/wall_s"])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", default="20mbit")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--train-subset", type=int, default=5000)
+    ap.add_argument("--test-subset", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--period", type=int, default=16)
+    ap.add_argument("--target", type=float, default=0.30)
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = {
+        # The base recipe is post-local; its period and switch point are invalid for minibatch.
+        "minibatch": ["sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=null"],
+        "post_local": ["sync.algorithm=post_local", "sync.switch_epoch=1",
+                       f"sync.period={args.period}"],
+    }
+    work = Path("/tmp") / f"lsgd-tta-{stamp}"
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        with netem.Session(netem.Topology(2, args.rate)):
+            for name, overrides in runs.items():
+                run_dir = work / name
+                job = netem.run_job(2, 1, [*common_args(args, run_dir), *overrides],
+                                    loopback=False, log_dir=run_dir / "logs", timeout_s=1200)
+                summary = json.loads((run_dir / "summary.json").read_text()) if job.ok else {}
+                metrics = run_dir / "metrics.jsonl"
+                text = metrics.read_text() if metrics.exists() else ""
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+                evals = [{"epoch": r.get("epoch"), "eval/acc": r["eval/acc"],
+                          "time/wall_s": r.get("time/wall_s")}
+                         for r in records if "eval/acc" in r]
+                rows[name] = {"ok": job.ok, "run_dir": str(run_dir), "summary": summary,
+                              "evals": evals, "wire_tx": [n.tx_bytes for n in job.nodes],
+                              "max_rss_kib": [n.max_rss_kib for n in job.nodes]}
+                print(f"{name}: ok={job.ok} final acc={summary.get('eval/acc')} "
+                      f"to_target={summary.get('time/to_target_s')} "
+                      f"wall={summary.get('time/wall_s')}", flush=True)
+    except netem.NotRootError as exc:
+        print(f"tta_cifar: error: {exc}", file=sys.stderr)
+        return 1
+    # A fixed target may be missed by one run on a schedule this short; the highest accuracy
+    # both runs reached gives a comparison that always exists, read from the same records.
+    common = min(max((e["eval/acc"] for e in r["evals"]), default=0.0) for r in rows.values())
+    for r in rows.values():
+        r["time_to_common_best_s"] = time_to(r["evals"], common)
+    plot_dir = args.out / f"tta-{stamp}"
+    subprocess.run([str(Path(sys.executable).with_name("localsgd")), "plot",
+                    *(r["run_dir"] for r in rows.values()), "--out", str(plot_dir)], check=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tta-{stamp}.json"
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                "common_best_acc": common, "runs": rows}, indent=1))
+    print(f"common best acc {common:.4f}: " + ", ".join(
+        f"{k} {_s(v['time_to_common_best_s'])}" for k, v in rows.items()))
+    print(f"wrote {path} and plots in {plot_dir}")
+    return 0 if all(r["ok"] for r in rows.values()) else 1
+
+
+def _s(x: float | None) -> str:
+    return "not reached" if x is None else f"{x:.1f}s"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
