@@ -35,6 +35,8 @@ class Variant:
     name: str
     overrides: tuple[str, ...]
     nproc_per_node: int = 1
+    entry: Path | None = None
+    """Worker script instead of ``torchrun_entry.py`` (same recipe argv)."""
 
 
 VARIANTS = {v.name: v for v in (
@@ -49,6 +51,9 @@ VARIANTS = {v.name: v for v in (
     # One average in 100000 steps is never reached: the job's only traffic is setup and the
     # final evaluation, the ceiling any sync mode can approach.
     Variant("no-comm", ("sync.algorithm=local", "sync.period=100000")),
+    # PyTorch's own peer of local-H16: DDP + post_localSGD_hook (no gradient all-reduce) +
+    # PostLocalSGDOptimizer(PeriodicModelAverager(16)), local from step 0; same recipe argv.
+    Variant("torch-peer-h16", (), entry=HERE / "peer_worker.py"),
 )}
 
 
@@ -72,7 +77,7 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
     run_dir = out / "runs" / rate / variant.name
     loopback = rate == "loopback"
     job = netem.run_job(nodes, variant.nproc_per_node, train_args(variant, steps, batch, run_dir),
-                        loopback=loopback, log_dir=run_dir / "logs")
+                        loopback=loopback, log_dir=run_dir / "logs", entry=variant.entry)
     row: dict[str, Any] = {"variant": variant.name, "rate": rate, "nodes": nodes,
                            "nproc_per_node": variant.nproc_per_node, "ok": job.ok,
                            "job_wall_s": job.wall_s, "node_results": [asdict(n) for n in job.nodes]}
@@ -153,8 +158,9 @@ def tables(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
                 f"{_fmt(r.get('marginal_wire_ratio'), '.3f')} | "
                 f"{_fmt(r.get('marginal_wire_ratio_minus_headers'), '.3f')} | "
                 f"{r['max_rss_mib']:.0f} |")
-    lines += ["", "| rate | H16 / no-comm | H16 / minibatch | post_local / minibatch | "
-              "no-comm / minibatch |", "|---|---|---|---|---|"]
+    lines += ["", "| rate | H16 / no-comm | H16 / minibatch | H16 / torch peer H16 | "
+              "torch peer / no-comm | post_local / minibatch | no-comm / minibatch |",
+              "|---|---|---|---|---|---|---|"]
     for rate in rates:
         def sps(name: str, rate: str = rate) -> float | None:
             r = by.get((rate, name))
@@ -166,6 +172,8 @@ def tables(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
 
         lines.append(f"| {rate} | {ratio('local-H16', 'no-comm')} | "
                      f"{ratio('local-H16', 'minibatch')} | "
+                     f"{ratio('local-H16', 'torch-peer-h16')} | "
+                     f"{ratio('torch-peer-h16', 'no-comm')} | "
                      f"{ratio('post_local-H16', 'minibatch')} | {ratio('no-comm', 'minibatch')} |")
     return "\n".join(lines)
 

@@ -204,13 +204,16 @@ def worker_threads(total_workers: int) -> int:
 
 def node_command(i: int, nodes: int, nproc: int, train_args: Sequence[str], *,
                  loopback: bool, master_port: int = MASTER_PORT,
-                 torchrun: str | None = None) -> list[str]:
-    """The argv that starts node i's torchrun agent (pure: tested without root)."""
+                 torchrun: str | None = None, entry: Path | None = None) -> list[str]:
+    """The argv that starts node i's torchrun agent (pure: tested without root).
+
+    ``entry`` is the worker script (default ``torchrun_entry.py``); it gets ``train_args``.
+    """
     torchrun = torchrun or str(Path(sys.executable).with_name("torchrun"))
     master = "127.0.0.1" if loopback else node_ip(0)
     cmd = [torchrun, f"--nnodes={nodes}", f"--node-rank={i}", f"--nproc-per-node={nproc}",
            f"--master-addr={master}", f"--master-port={master_port}", "--max-restarts=0",
-           str(ENTRY), *train_args]
+           str(entry or ENTRY), *train_args]
     return cmd if loopback else _ns(node_ns(i), *cmd)
 
 
@@ -263,7 +266,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_job(nodes: int, nproc: int, train_args: Sequence[str], *, loopback: bool,
-            log_dir: Path, timeout_s: float = 900.0) -> JobResult:
+            log_dir: Path, timeout_s: float = 900.0, entry: Path | None = None) -> JobResult:
     """Start every node's agent, wait for all, and return exit codes, peak RSS, wire bytes.
 
     The namespaces must already exist (``setup``) unless ``loopback``.
@@ -280,7 +283,8 @@ def run_job(nodes: int, nproc: int, train_args: Sequence[str], *, loopback: bool
             logs.append(log)
             # Own session: a Ctrl-C or timeout can kill the agent *and* its workers.
             procs.append(subprocess.Popen(
-                node_command(i, nodes, nproc, train_args, loopback=loopback, master_port=port),
+                node_command(i, nodes, nproc, train_args, loopback=loopback, master_port=port,
+                             entry=entry),
                 env=node_env(i, nodes, nproc, loopback=loopback), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True))
         results: dict[int, tuple[int, int]] = {}

@@ -30,6 +30,7 @@ def _load(name: str) -> ModuleType:
 
 netem = _load("netem")
 bench = _load("bench_links")
+peer = _load("peer_worker")
 
 
 def test_refuses_without_root(monkeypatch: pytest.MonkeyPatch,
@@ -77,6 +78,37 @@ def test_bench_variants_and_ring_factor(tmp_path: Path) -> None:
     assert "sync.period=16" in args and "train.max_steps=64" in args
     assert f"run.dir={tmp_path}" in args
     assert bench.VARIANTS["hier-2x2-H4-Hb4"].nproc_per_node == 2
+
+
+def test_torch_peer_variant_uses_its_worker(tmp_path: Path) -> None:
+    v = bench.VARIANTS["torch-peer-h16"]
+    assert v.entry == HERE / "peer_worker.py" and v.entry.exists() and v.nproc_per_node == 1
+    # Same recipe argv as the localsgd variants, so the same workload.
+    base = bench.train_args(bench.VARIANTS["no-comm"], 64, 16, tmp_path)
+    assert bench.train_args(v, 64, 16, tmp_path) == [a for a in base if not a.startswith("sync.")]
+    cmd = netem.node_command(0, 2, 1, ["r.yaml"], loopback=False, torchrun="torchrun",
+                             entry=v.entry)
+    assert cmd[-2:] == [str(v.entry), "r.yaml"]
+    table = bench.tables([
+        {"rate": "20mbit", "variant": n, "steps_per_s": sps, "samples_per_s": sps * 32,
+         "comm": {"comm/bytes": 2**20}, "max_rss_mib": 900.0}
+        for n, sps in (("local-H16", 9.0), ("torch-peer-h16", 6.0), ("no-comm", 12.0))],
+        ["20mbit"])
+    assert "| 20mbit | 0.75 | - | 1.50 | 0.50 | - | - |" in table
+
+
+def test_peer_average_count_matches_periodic_averager() -> None:
+    # PeriodicModelAverager averages when its counter (0-based, before += 1) is a multiple of
+    # the period after warm-up: after steps 1, 17, 33, 49 of 64 for period 16.
+    class Avg:
+        period, warmup_steps, step = 16, 0, 0
+
+    done = []
+    for i in range(64):
+        if peer.will_average(Avg):
+            done.append(i + 1)
+        Avg.step += 1
+    assert done == [1, 17, 33, 49]
 
 
 def test_marginal_ratio_cancels_fixed_traffic() -> None:
