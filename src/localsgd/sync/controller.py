@@ -108,11 +108,11 @@ class SyncController:
         distance = self._average(target, Action.global_, final=True)
         self.events.append(SyncEvent(self.step, "final", distance))
 
-    def averaged_copy(self, target: SyncTarget, module: nn.Module, out: nn.Module) -> None:
+    def averaged_copy(self, target: SyncTarget, out: nn.Module) -> None:
         """Write the average of all workers' models into ``out``; the workers are untouched."""
         src_params = target.sync_params()
         dst_params = [p for p in out.parameters()]
-        src_buffers = [b for b in module.buffers()]
+        src_buffers = target.sync_buffers()
         dst_buffers = [b for b in out.buffers()]
         with torch.no_grad():
             if self.schedule.in_consensus(self.step):

@@ -229,10 +229,9 @@ class Trainer:
         bar.close()
         st.stats.copy_(stats)
         st.epoch_seconds += time.perf_counter() - resumed_at
-        steps = st.epoch_step
         st.epoch += 1
         st.epoch_step = 0
-        self._end_epoch(stats, steps, st.epoch_seconds, start)
+        self._end_epoch(stats, start)
 
     def _train_step(self, batches: Iterator[Any], loss_fn: nn.Module,
                     stats: torch.Tensor) -> float:
@@ -260,8 +259,7 @@ class Trainer:
             self.controller.after_step(self.engine)
         return value
 
-    def _end_epoch(self, stats: torch.Tensor, steps: int, epoch_time: float,
-                   start: float) -> None:
+    def _end_epoch(self, stats: torch.Tensor, start: float) -> None:
         cfg, info, st = self.cfg, self.info, self.state
         events = self.controller.pop_events()
         # One collective carries the epoch's train sums and every sync's distance.
@@ -280,7 +278,7 @@ class Trainer:
             "sync/phase": self.schedule.phase(max(self.controller.step - 1, 0)).value,
             "sync/period": self.schedule.effective_period(max(self.controller.step - 1, 0)),
             "sync/count": len(events),
-            "throughput/samples_per_s": count / max(epoch_time, 1e-9),
+            "throughput/samples_per_s": count / max(st.epoch_seconds, 1e-9),
             **self.timer.pop(),
         }
         if distances:
@@ -310,7 +308,7 @@ class Trainer:
         if self.averaged_eval:
             model = self.engine.module
             if self.eval_module is not None:
-                self.controller.averaged_copy(self.engine, self.engine.module, self.eval_module)
+                self.controller.averaged_copy(self.engine, self.eval_module)
                 model = self.eval_module
             totals = evaluate(model, self.eval_loader, self.device, self.dtype)
         else:
