@@ -57,9 +57,11 @@ def worker(variant: str, params: int, bucket_mb: float) -> None:
     start = time.perf_counter()
     if variant == "localsgd":
         from localsgd.sync.accounting import CommMeter
-        from localsgd.sync.averager import BucketAverager
+        from localsgd.sync.averager import Averager
+        from localsgd.sync.buckets import Bucketer
+        from localsgd.sync.reducers.mean import Mean
 
-        BucketAverager(CommMeter(), bucket_mb).average(tensors, None, world)
+        Averager(CommMeter(), Bucketer(bucket_mb), Mean(None)).average(tensors, None, world)
     else:
         from torch.distributed.algorithms.model_averaging.utils import average_parameters
 

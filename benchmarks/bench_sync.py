@@ -36,20 +36,14 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.distributed.optim import PostLocalSGDOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd.config.schema import (
-    Algorithm,
-    DistConfig,
-    ModelConfig,
-    ModelName,
-    OptimConfig,
-    SyncConfig,
-)
-from localsgd.dist.env import DistInfo, init_distributed
-from localsgd.engines.ddp import DDPEngine
+from localsgd.config.schema import DistConfig, ModelConfig, ModelName, OptimConfig
+from localsgd.engines import EngineConfig, EngineContext, build_engine
+from localsgd.launch.env import DistInfo, init_distributed
 from localsgd.models import build_model
+from localsgd.registry import Facts
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.controller import SyncController
-from localsgd.sync.schedule import SyncSchedule
+from localsgd.sync.parts import SyncConfig
 from localsgd.train.optim import build_optimizer, scaled_lr
 from localsgd.train.timing import PhaseTimer
 
@@ -114,14 +108,17 @@ def build_ddp(s: Setup, sync_buffers: bool | None = None) -> Built:
     return Built(_plain_step(ddp, opt, s.loss_fn), keep=[ddp])
 
 
-def build_localsgd(s: Setup, algorithm: Algorithm, period: int) -> Built:
-    """localsgd's DDPEngine driven by its SyncController, as the trainer drives them."""
+def build_localsgd(s: Setup, algorithm: str, period: int) -> Built:
+    """localsgd's DDP engine driven by its SyncController, as the trainer drives them."""
     model, opt = _model_and_opt(s)
     meter = CommMeter()
-    engine = DDPEngine(model, opt, s.info, meter)
+    engine = build_engine(EngineConfig(name="ddp"), EngineContext(
+        model, opt, s.info, meter, Facts(epochs=1, micro_batch=s.args.batch, grad_accum=1,
+                                         local_steps=algorithm != "minibatch",
+                                         world_size=s.info.world_size)))
     cfg = SyncConfig(algorithm=algorithm, period=period)
     # steps_per_epoch only matters for switch_epoch, which is unset here.
-    controller = SyncController(cfg, SyncSchedule.from_config(cfg, 1), s.info, meter)
+    controller = SyncController.build(cfg, s.info, meter, steps_per_epoch=1)
     engine.train()
     timer = PhaseTimer(s.info.device)  # what the trainer passes
 
@@ -166,10 +163,10 @@ def variants(periods: list[int], peer_period: int) -> dict[str, Callable[[Setup]
     table: dict[str, Callable[[Setup], Built]] = {
         "ddp": build_ddp,
         "ddp-nobcast": lambda s: build_ddp(s, sync_buffers=False),
-        "localsgd-minibatch": lambda s: build_localsgd(s, Algorithm.minibatch, 1),
+        "localsgd-minibatch": lambda s: build_localsgd(s, "minibatch", 1),
     }
     for h in periods:
-        table[f"localsgd-local-H{h}"] = lambda s, h=h: build_localsgd(s, Algorithm.local, h)
+        table[f"localsgd-local-H{h}"] = lambda s, h=h: build_localsgd(s, "local", h)
     table[f"torch-postlocal-H{peer_period}"] = lambda s: build_torch_postlocal(s, peer_period)
     table[f"torch-postlocal-H{peer_period}-docs"] = (
         lambda s: build_torch_postlocal(s, peer_period, docs_defaults=True))

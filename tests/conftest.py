@@ -27,6 +27,9 @@ def worker_env(**extra: str) -> dict[str, str]:
     # W&B is exercised by the reporting tests, which ask for offline mode themselves.
     env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
                 "PYTHONUNBUFFERED": "1"})
+    # Worker scripts import the shared test helpers, as the tests themselves do.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"),
+                                                       env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 

@@ -52,10 +52,10 @@ from torch.distributed.algorithms.model_averaging.averagers import PeriodicModel
 from torch.distributed.optim import PostLocalSGDOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd.config import load_config
 from localsgd.data import build_datasets, build_eval_loader, build_train_loader
-from localsgd.dist.env import init_distributed, shutdown
+from localsgd.launch.env import init_distributed, shutdown
 from localsgd.models import build_model
+from localsgd.recipe import load_config
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
 

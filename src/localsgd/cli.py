@@ -7,8 +7,9 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
-from localsgd.config import ConfigError, load_config, to_yaml
+from localsgd.config import ConfigError, ConfigWarning
 
 
 def _fail(message: str, code: int) -> int:
@@ -36,19 +37,37 @@ def _peer_failure(text: str, timeout_s: float) -> str | None:
     return None
 
 
-def train_main(argv: list[str]) -> int:
-    """Entry of every torchrun worker: ``RECIPE.yaml [dotted.key=value ...]``."""
+def _load(recipe: str, overrides: list[str]) -> Any:
+    """The recipe; its ConfigWarnings (keys without effect) are printed once, by rank 0."""
+    from localsgd.recipe import load_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(recipe, overrides)
+    for w in caught:
+        if not issubclass(w.category, ConfigWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif os.environ.get("RANK", "0") == "0":  # every rank loads the recipe; one says so
+            print(f"localsgd: warning: {w.message}", file=sys.stderr, flush=True)
+    return cfg
+
+
+def train_main(argv: list[str], observers: list[Any] | None = None) -> int:
+    """Entry of every torchrun worker: ``RECIPE.yaml [dotted.key=value ...]``.
+
+    ``observers`` (``localsgd.sync.controller.SyncObserver``) watch every step and sync.
+    """
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: torchrun [torchrun options] torchrun_entry.py RECIPE.yaml "
               "[dotted.key=value ...]")
         return 0 if argv else 2
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = _load(argv[0], argv[1:])
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    from localsgd.config.validate import validate_launch
     from localsgd.data import DataError
-    from localsgd.dist.env import init_distributed, shutdown
+    from localsgd.launch.env import init_distributed, shutdown
+    from localsgd.recipe import validate_launch
     from localsgd.train.trainer import Trainer, TrainingError
 
     warnings.filterwarnings("ignore", message=".*epoch parameter in `scheduler.step", )
@@ -56,7 +75,7 @@ def train_main(argv: list[str]) -> int:
     try:
         info = init_distributed(cfg.dist)
         validate_launch(cfg, info.world_size, info.local_world_size)
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(cfg, info, observers)
         trainer.setup()
         trainer.train()
     except ConfigError as exc:
@@ -66,8 +85,6 @@ def train_main(argv: list[str]) -> int:
     except TrainingError as exc:
         return _fail(str(exc), 1)
     except RuntimeError as exc:
-        if "dist.device" in str(exc):
-            return _fail(str(exc), 2)
         peer = _peer_failure(str(exc), cfg.dist.timeout_s)
         if peer is None:
             raise
@@ -83,8 +100,10 @@ def train_main(argv: list[str]) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from localsgd.recipe import to_yaml
+
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        cfg = _load(args.recipe, args.overrides)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     print(to_yaml(cfg), end="")

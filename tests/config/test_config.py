@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-from localsgd.config import ConfigError, load_config
-from localsgd.config.schema import Algorithm, RecipeConfig
-from localsgd.config.validate import validate_launch
+from localsgd.config import ConfigError, ConfigWarning
+from localsgd.recipe import RecipeConfig, load_config, validate_launch
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
@@ -27,7 +27,7 @@ def test_paper_recipes_hold_the_paper_settings() -> None:
     assert (cfg.optim.base_lr, cfg.optim.base_batch_size, cfg.optim.nesterov) == (0.1, 64, True)
     assert cfg.lr_schedule.milestones == [150, 225] and cfg.lr_schedule.warmup_epochs == 5
     assert (cfg.sync.algorithm, cfg.sync.period, cfg.sync.switch_epoch) == (
-        Algorithm.post_local, 16, 150)
+        "post_local", 16, 150)
     assert load_config(REPO / "recipes/cifar10/resnet20_post_local_h32.yaml").sync.period == 32
 
 
@@ -49,8 +49,12 @@ def problems(*overrides: str, path: Path | None = None) -> list[str]:
     (["sync.algorithm=post_local"], "sync.switch_epoch: post_local needs a switch point"),
     (["sync.algorithm=post_local", "sync.switch_epoch=5", "train.epochs=3"],
      "sync.switch_epoch: must be in [0, train.epochs=3)"),
-    (["sync.block_period=4", "sync.algorithm=local"], "sync.block_period: only used by"),
-    (["sync.period=4"], "sync.period: has no effect with sync.algorithm=minibatch"),
+    (["sync.algorithm=lcoal"], "sync.algorithm: unknown value 'lcoal'; did you mean 'local'"),
+    (["engine.name=deepsped"], "engine.name: unknown value 'deepsped'; did you mean"),
+    (["sync.algorithm=post_local", "sync.switch_step=1", "sync.switch_epoch=1"],
+     "sync.switch_step: give either"),
+    (["optim.base_lr=inf"], "optim.base_lr: must be a finite number"),
+    (["sync.bucket_mb=nan"], "sync.bucket_mb: must be a finite number"),
     (["engine.name=deepspeed"], "engine.deepspeed_config: engine deepspeed needs"),
     (["lr_schedule.milestones=[5,2]", "train.epochs=10"], "lr_schedule.milestones: must be"),
     (["train.target_acc=80"], "train.target_acc: must be in (0, 1]"),
@@ -67,6 +71,62 @@ def test_all_problems_reported_at_once() -> None:
     assert len(found) == 4
     assert {p.split(":")[0] for p in found} == {
         "train.epoch", "sync.period", "data.batch_size", "optim.lr"}
+
+
+@pytest.mark.parametrize(("overrides", "ignored"), [
+    (["sync.period=4"], ["sync.period"]),
+    (["sync.algorithm=local", "sync.block_period=4", "sync.switch_step=3"],
+     ["sync.block_period", "sync.switch_step"]),
+    (["engine.deepspeed_config=deepspeed_configs/zero0_fp32.json"],
+     ["engine.deepspeed_config"]),
+])
+def test_keys_without_effect_are_one_warning_each(overrides: list[str],
+                                                  ignored: list[str]) -> None:
+    with pytest.warns(ConfigWarning) as caught:
+        load_config(None, overrides)
+    messages = [str(w.message) for w in caught]
+    assert sorted(m.split(":")[0] for m in messages) == sorted(ignored)
+    assert all("has no effect" in m and "is ignored" in m for m in messages)
+
+
+@pytest.mark.parametrize(("algorithm", "ignored"), [
+    ("minibatch", {"sync.period", "sync.switch_epoch"}),
+    ("local", {"sync.switch_epoch"}),
+    ("hierarchical", set()),
+])
+def test_overrides_compose_with_a_paper_recipe(algorithm: str, ignored: set[str]) -> None:
+    """A post-local recipe re-pointed at another algorithm loads; leftovers only warn."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config(REPO / "recipes/cifar10/resnet20_post_local_h16.yaml",
+                          [f"sync.algorithm={algorithm}"])
+    assert cfg.sync.algorithm == algorithm and cfg.sync.period == 16
+    assert {str(w.message).split(":")[0] for w in caught
+            if issubclass(w.category, ConfigWarning)} == ignored
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not UTF-8 text"),
+    ("name: caf\u00e9\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"name: a\x00b\n", "is not valid YAML"),
+    (b"train:\n  epochs: 3\n  epochs: 4\n", "key 'epochs' appears twice"),
+    (b"name: a\nname: b\n", "key 'name' appears twice"),
+], ids=["binary", "latin-1", "nul-byte", "duplicate-nested", "duplicate-top"])
+def test_unreadable_recipe_files_are_one_line_naming_the_file(
+        tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    found = problems(path=path)
+    assert len(found) == 1 and expected in found[0] and str(path) in found[0], found
+    assert "\n" not in found[0]
+
+
+def test_cli_check_rejects_an_infinite_learning_rate() -> None:
+    proc = subprocess.run([sys.executable, "-m", "localsgd.cli", "check",
+                           "recipes/quickstart.yaml", "optim.base_lr=inf"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "optim.base_lr: must be a finite number, got inf" in proc.stderr
 
 
 def test_overrides_and_interpolation() -> None:

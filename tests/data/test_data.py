@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR_ROOT
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
@@ -19,8 +20,6 @@ from localsgd.data import (
     build_train_loader,
     steps_per_epoch,
 )
-
-CIFAR_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/cifar10"
 
 
 class IndexDataset(Dataset):
@@ -250,3 +249,21 @@ def test_augmentation_seeded_per_sample_independent_of_workers_and_resume() -> N
     assert len(resumed) == len(plain) - 2 * bs
     assert all(plain[i] == v for i, v in resumed.items())
     assert len(set(plain.values())) == len(plain)
+
+
+@pytest.mark.parametrize(("key", "least"), [("synthetic_samples", 4), ("synthetic_classes", 2),
+                                            ("image_size", 8)])
+def test_recipe_rules_and_the_synthetic_builder_agree_on_minimums(key: str,
+                                                                  least: int) -> None:
+    from localsgd.config import ConfigError
+    from localsgd.recipe import load_config
+
+    small = {"synthetic_samples": 8, "image_size": 8}
+    base = [f"data.{k}={v}" for k, v in small.items() if k != key]
+    cfg = load_config(None, ["data.name=synthetic", *base, f"data.{key}={least}"])
+    build_datasets(cfg.data, seed=0)  # the smallest accepted value builds
+    with pytest.raises(ConfigError, match=f"data.{key}: must be >= {least}"):
+        load_config(None, ["data.name=synthetic", *base, f"data.{key}={least - 1}"])
+    with pytest.raises(DataError, match=f"data.{key}={least - 1} must be at least {least}"):
+        build_datasets(DataConfig(**{"name": DatasetName.synthetic, **small,
+                                     key: least - 1}), seed=0)

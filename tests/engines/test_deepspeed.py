@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO, synthetic_args, torchrun
+from helpers import TINY_STEPS_PER_EPOCH
 
-from localsgd.config.schema import Algorithm, SyncConfig
 from localsgd.report.files import read_metrics
-from localsgd.sync.schedule import Action, SyncSchedule
+from localsgd.sync.controller import SyncController
+from localsgd.sync.parts import SyncConfig
 
 pytest.importorskip("deepspeed")
 
@@ -28,7 +29,6 @@ MINIBATCH = ["train.max_steps=8", "lr_schedule.decay=cosine"]  # the LR moves ev
 LOCAL = ["train.max_steps=8", "sync.algorithm=local", "sync.period=4"]
 POST_LOCAL = ["train.max_steps=11", "train.grad_accum=2", "sync.algorithm=post_local",
               "sync.switch_step=2", "sync.period=3"]
-STEPS_PER_EPOCH = 512 // 2 // 16  # tiny_synthetic: 512 samples, 2 workers, batch 16
 
 
 def deepspeed(config: str | Path) -> list[str]:
@@ -46,8 +46,8 @@ def model(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def expected_averages(sync: SyncConfig, steps: int, steps_per_epoch: int) -> int:
     """Averages the schedule asks for in ``steps`` steps (the tiny model fits one bucket)."""
-    schedule = SyncSchedule.from_config(sync, steps_per_epoch)
-    return sum(schedule.action_after(s) != Action.none for s in range(1, steps + 1))
+    schedule = SyncController.schedule_for(sync, steps_per_epoch)
+    return sum(schedule.action_after(s) is not None for s in range(1, steps + 1))
 
 
 def comm(summary: dict[str, Any], kind: str) -> tuple[int, int]:
@@ -97,9 +97,9 @@ def test_zero1_minibatch_matches_ddp(tmp_path: Path, ddp_minibatch: Path) -> Non
 def test_local_sgd_accounting_equals_ddp(tmp_path: Path, ddp_local: Path) -> None:
     ds = train(tmp_path / "ds", *LOCAL, *deepspeed(FP32))
     ref = json.loads((ddp_local / "summary.json").read_text())
-    sync = SyncConfig(algorithm=Algorithm.local, period=4)
+    sync = SyncConfig(algorithm="local", period=4)
     assert comm(ds, "grad") == comm(ref, "grad") == (0, 0)
-    assert ds["comm/average/calls"] == expected_averages(sync, 8, STEPS_PER_EPOCH) == 2
+    assert ds["comm/average/calls"] == expected_averages(sync, 8, TINY_STEPS_PER_EPOCH) == 2
     assert comm(ds, "average") == comm(ref, "average")
     a, b = model(ddp_local), model(tmp_path / "ds")
     assert all(torch.allclose(a[k], b[k]) for k in a)
@@ -120,7 +120,7 @@ def test_bf16_local_sgd_averages_fp32_masters(tmp_path: Path, ddp_local: Path) -
 def test_mixed_precision_worker(tmp_path: Path) -> None:
     autocast = tmp_path / "autocast.json"
     autocast.write_text(json.dumps({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}))
-    proc = torchrun([BF16, str(autocast)], script=REPO / "tests/engines/test_deepspeed_worker.py",
+    proc = torchrun([BF16, str(autocast)], script=REPO / "tests/engines/deepspeed_worker.py",
                     timeout=240)
     assert proc.stdout.count("worker ok") == 2
 
@@ -128,9 +128,9 @@ def test_mixed_precision_worker(tmp_path: Path) -> None:
 def test_post_local_grad_accum_counts_optimizer_steps(tmp_path: Path) -> None:
     ref = train(tmp_path / "ddp", *POST_LOCAL)
     ds = train(tmp_path / "ds", *POST_LOCAL, *deepspeed(FP32))
-    sync = SyncConfig(algorithm=Algorithm.post_local, period=3, switch_step=2)
+    sync = SyncConfig(algorithm="post_local", period=3, switch_step=2)
     assert ds["step"] == ref["step"] == 11
-    assert ds["comm/average/calls"] == expected_averages(sync, 11, STEPS_PER_EPOCH // 2) == 3
+    assert ds["comm/average/calls"] == expected_averages(sync, 11, TINY_STEPS_PER_EPOCH // 2) == 3
     syncs = [r["step"] for r in read_metrics(tmp_path / "ds") if r["event"] == "sync"]
     assert syncs == [5, 8, 11]
     # Two mini-batch steps of two micro-batches each: one all-reduce per optimizer step.

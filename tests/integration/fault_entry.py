@@ -12,20 +12,16 @@ import signal
 import sys
 
 from localsgd.cli import train_main
-from localsgd.sync.controller import SyncController
-
-_original_after_step = SyncController.after_step
+from localsgd.sync.controller import SyncObserver
 
 
-def _faulty_after_step(self: SyncController, target: object) -> object:
-    action = _original_after_step(self, target)
-    if (self.step == int(os.environ["FAULT_STEP"])
-            and os.environ.get("RANK") == os.environ["FAULT_RANK"]
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ["FAULT_SIGNAL"]))
-    return action
+class Fault(SyncObserver):
+    def after_step(self, step: int, action: str | None, target: object) -> None:
+        if (step == int(os.environ["FAULT_STEP"])
+                and os.environ.get("RANK") == os.environ["FAULT_RANK"]
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ["FAULT_SIGNAL"]))
 
 
 if __name__ == "__main__":
-    SyncController.after_step = _faulty_after_step  # type: ignore[method-assign]
-    sys.exit(train_main(sys.argv[1:]))
+    sys.exit(train_main(sys.argv[1:], observers=[Fault()]))

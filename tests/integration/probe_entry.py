@@ -18,13 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from localsgd.cli import train_main
-from localsgd.config import load_config
-from localsgd.sync.controller import SyncController
-
-_hashes: list[dict[str, object]] = []
-_syncs: list[dict[str, object]] = []
-_original_after_step = SyncController.after_step
-_original_average = SyncController._average
+from localsgd.recipe import load_config
+from localsgd.sync.controller import SyncObserver
 
 
 def _params_sha(target: object) -> str:
@@ -32,19 +27,24 @@ def _params_sha(target: object) -> str:
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
 
 
-def _recording_average(self: SyncController, target: object, *args: object,
-                       **kwargs: object) -> float:
-    before = torch.cat([p.detach().reshape(-1).double().cpu() for p in target.sync_params()])
-    distance = _original_average(self, target, *args, **kwargs)
-    _syncs.append({"step": self.step, "params_before": before.tolist(), "distance": distance})
-    return distance
+class Probe(SyncObserver):
+    """Records a hash of the parameters after every step and the parameters before a sync."""
 
+    def __init__(self) -> None:
+        self.hashes: list[dict[str, object]] = []
+        self.syncs: list[dict[str, object]] = []
+        self._before: list[float] = []
 
-def _recording_after_step(self: SyncController, target: object) -> object:
-    action = _original_after_step(self, target)
-    _hashes.append({"step": self.step, "action": action.value,
-                    "sha": _params_sha(target)})
-    return action
+    def before_sync(self, step: int, action: str, target: object) -> None:
+        self._before = torch.cat([p.detach().reshape(-1).double().cpu()
+                                  for p in target.sync_params()]).tolist()
+
+    def after_sync(self, step: int, action: str, distance: float, target: object) -> None:
+        self.syncs.append({"step": step, "params_before": self._before, "distance": distance})
+
+    def after_step(self, step: int, action: str | None, target: object) -> None:
+        self.hashes.append({"step": step, "action": action or "none",
+                            "sha": _params_sha(target)})
 
 
 def _collectives_per_step(prof: profile) -> dict[int, dict[str, int]]:
@@ -68,16 +68,15 @@ def _collectives_per_step(prof: profile) -> dict[int, dict[str, int]]:
 
 
 def main() -> int:
-    SyncController.after_step = _recording_after_step  # type: ignore[method-assign]
-    SyncController._average = _recording_average  # type: ignore[method-assign]
+    probe = Probe()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        code = train_main(sys.argv[1:])
+        code = train_main(sys.argv[1:], observers=[probe])
     cfg = load_config(sys.argv[1], sys.argv[2:])
     out = Path(cfg.run.dir) / "probe"
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))
     (out / f"rank{rank}.json").write_text(json.dumps(
-        {"steps": _hashes, "syncs": _syncs, "collectives": _collectives_per_step(prof)}))
+        {"steps": probe.hashes, "syncs": probe.syncs, "collectives": _collectives_per_step(prof)}))
     return code
 
 

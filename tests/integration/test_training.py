@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, synthetic_args, torchrun
 
@@ -60,3 +61,21 @@ def test_resume_between_syncs_is_bitwise_exact(tmp_path: Path) -> None:
     sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert sa["comm/average/calls"] == sb["comm/average/calls"]
     assert sa["step"] == sb["step"] == 40
+
+
+@pytest.mark.parametrize(("algorithm", "ignored"), [
+    ("minibatch", ["sync.period", "sync.switch_epoch"]), ("local", ["sync.switch_epoch"])])
+def test_paper_recipe_overridden_to_another_algorithm_runs(
+        tmp_path: Path, cifar_root: Path, algorithm: str, ignored: list[str]) -> None:
+    """Overrides compose: keys the new algorithm does not read are one warning each."""
+    run = tmp_path / algorithm
+    proc = torchrun(["recipes/cifar10/resnet20_post_local_h16.yaml",
+                     f"sync.algorithm={algorithm}", f"run.dir={run}", f"data.root={cifar_root}",
+                     "data.train_subset=512", "data.test_subset=256", "data.num_workers=0",
+                     "train.max_steps=2", "train.progress=false"], timeout=300)
+    warned = [line.split(":")[2].strip() for line in proc.stderr.splitlines()
+              if line.startswith("localsgd: warning")]
+    assert warned == ignored, proc.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["sync/algorithm"] == algorithm
+    assert (summary["comm/grad/calls"] > 0) == (algorithm == "minibatch")

@@ -16,9 +16,9 @@ import pytest
 import torch
 import wandb
 
-from localsgd.config import load_config
-from localsgd.config.schema import RecipeConfig, WandbMode
-from localsgd.dist.env import DistInfo
+from localsgd.config.schema import WandbMode
+from localsgd.launch.env import DistInfo
+from localsgd.recipe import RecipeConfig, load_config
 from localsgd.report.build import build_reporters
 from localsgd.report.wandb_sink import (
     EPOCH_MEAN_DISTANCE,

@@ -11,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.averager import BucketAverager
+from localsgd.sync.averager import Averager
+from localsgd.sync.buckets import Bucketer
+from localsgd.sync.reducers.mean import Mean
 
 
 def _worker(rank: int, store: str, out: str) -> None:
@@ -22,12 +24,12 @@ def _worker(rank: int, store: str, out: str) -> None:
                torch.randn(5, generator=g).double(), torch.tensor([rank + 3])]
     originals = [t.clone() for t in tensors]
     meter = CommMeter()
-    averager = BucketAverager(meter, bucket_mb=256 / 2**20)  # 256 bytes: 64 floats
-    distance = averager.average(tensors, None, 2, measured=2)
+    bucketer = Bucketer(bucket_mb=256 / 2**20)  # 256 bytes: 64 floats
+    distance = Averager(meter, bucketer, Mean(None)).average(tensors, None, 2, params=2)
     result = {"tensors": tensors, "originals": originals, "distance": distance,
               "calls": meter.totals["average"].calls, "bytes": meter.totals["average"].bytes,
               "buffers": {str(k): v.numel() * v.element_size()
-                          for k, v in averager._buffers.items()}}
+                          for k, v in bucketer.buffers.items()}}
     torch.save(result, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -1,8 +1,9 @@
-"""Recipe schema, loading and validation."""
+"""Recipe machinery: the general sections, YAML + override loading, general rules, errors.
 
-from localsgd.config.errors import ConfigError
-from localsgd.config.load import load_config, to_yaml
-from localsgd.config.schema import RecipeConfig
-from localsgd.config.validate import validate_launch
+The whole recipe (with its ``sync`` and ``engine`` sections composed from registered parts)
+is assembled and loaded by ``localsgd.recipe``.
+"""
 
-__all__ = ["ConfigError", "RecipeConfig", "load_config", "to_yaml", "validate_launch"]
+from localsgd.config.errors import ConfigError, ConfigWarning
+
+__all__ = ["ConfigError", "ConfigWarning"]

@@ -14,3 +14,7 @@ class ConfigError(Exception):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         noun = "problem" if len(self.problems) == 1 else "problems"
         return f"Recipe is not valid ({len(self.problems)} {noun}):\n{lines}"
+
+
+class ConfigWarning(UserWarning):
+    """A recipe key that has no effect with the chosen parts (it is ignored)."""

@@ -1,12 +1,15 @@
-"""Load a recipe: YAML + ``dotted.key=value`` overrides merged onto the typed schema.
+"""Read a recipe: YAML + ``dotted.key=value`` overrides merged onto a typed schema.
 
 OmegaConf stops at the first bad key; users fixing a recipe want every problem at once, so
 values are merged one leaf at a time and each failure is collected with its full dotted key.
+This module knows no particular schema: ``localsgd.recipe`` hands it the assembled one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from localsgd.config.errors import ConfigError
-from localsgd.config.schema import RecipeConfig
-from localsgd.config.validate import validate
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -70,6 +71,21 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping; keep one",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -89,9 +105,16 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if p.resolve() in seen:
         raise ConfigError([f"base: recipe '{p}' includes itself"])
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.load(p.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"recipe file '{p}' is not UTF-8 text (byte {exc.start} cannot be "
+                           "decoded); pass a YAML recipe such as recipes/quickstart.yaml"]
+                          ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"recipe file '{p}' is not valid YAML: {exc}"]) from None
+        where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"recipe file '{p}' is not valid YAML{at}: {what}"]) from None
     if not isinstance(loaded, dict):
         raise ConfigError([f"recipe file '{p}' must hold a mapping of keys to values"])
     base = loaded.pop("base", None)
@@ -102,10 +125,15 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _deep_merge(_read_yaml(p.parent / base, (*seen, p.resolve())), loaded)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RecipeConfig:
-    """The validated, resolved recipe, or one ConfigError listing every problem."""
+def merge_recipe(schema_cls: type, path: str | Path | None,
+                 overrides: list[str] | None = None) -> tuple[Any, list[str]]:
+    """(the recipe as a ``schema_cls`` object, every problem found while merging it).
+
+    Leaves that failed to merge keep their defaults, so the caller's cross-field rules can
+    still run and the user sees every problem in one go.
+    """
     errors: list[str] = []
-    schema = OmegaConf.structured(RecipeConfig)
+    schema = OmegaConf.structured(schema_cls)
     known = _known_keys(schema)
     data = _read_yaml(Path(path)) if path is not None else {}
     for key, value in _leaves(data):
@@ -117,23 +145,27 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             errors.append(str(exc))
             continue
         _merge_leaf(schema, key, value, known, errors)
-    # Leaves that failed to merge keep their defaults, so the cross-field rules can still run
-    # and the user sees every problem in one go.
     try:
         cfg = OmegaConf.to_object(schema)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError([*errors, f"{key}: {str(exc).splitlines()[0]}"]) from None
-    assert isinstance(cfg, RecipeConfig)
-    try:
-        validate(cfg)
-    except ConfigError as exc:
-        errors.extend(exc.problems)
-    if errors:
-        raise ConfigError(errors)
-    return cfg
+    return cfg, errors
 
 
-def to_yaml(cfg: RecipeConfig) -> str:
+def non_finite(obj: Any, prefix: str = "") -> list[str]:
+    """A problem for every float field of nested dataclasses that is inf or nan."""
+    out: list[str] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += non_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{key}: must be a finite number, got {value}")
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
     """The resolved recipe as YAML (enums as their names), as saved in the run directory."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)

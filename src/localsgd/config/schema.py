@@ -1,7 +1,9 @@
 """The typed recipe schema.
 
-Every recipe YAML is merged onto ``RecipeConfig()``; each component later receives only its
-own section (``cfg.model``, ``cfg.sync``, ...). Defaults live here and nowhere else.
+The sections every recipe has whatever parts it chooses. The ``sync`` and ``engine``
+sections are composed from their registered parts (``localsgd.sync.parts``,
+``localsgd.engines.registry``) and the whole recipe is assembled in ``localsgd.recipe``;
+each component later receives only its own section. Defaults live in the dataclasses.
 """
 
 from __future__ import annotations
@@ -54,33 +56,17 @@ class LRDecay(str, Enum):
     constant = "constant"
 
 
-class Algorithm(str, Enum):
-    minibatch = "minibatch"
-    local = "local"
-    post_local = "post_local"
-    hierarchical = "hierarchical"
-
-
-class MomentumPolicy(str, Enum):
-    local = "local"
-    average = "average"
-    reset = "reset"
-
-
-class EvalModel(str, Enum):
-    averaged = "averaged"
-    local = "local"
-
-
-class EngineName(str, Enum):
-    ddp = "ddp"
-    deepspeed = "deepspeed"
-
-
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
+
+
+MIN_IMAGE_SIZE = 8
+"""Smallest ``data.image_size``: every model halves the image at least twice."""
+MIN_SYNTHETIC_SAMPLES = 4
+"""Smallest ``data.synthetic_samples``: the synthetic test set is a quarter of it."""
+MIN_SYNTHETIC_CLASSES = 2
 
 
 @dataclass
@@ -164,38 +150,6 @@ class TrainConfig:
 
 
 @dataclass
-class SyncConfig:
-    algorithm: Algorithm = Algorithm.minibatch
-    """minibatch (all-reduce gradients every step), local (average models every ``period``
-    steps), post_local (minibatch until the switch point, then local) or hierarchical."""
-    period: int = 1
-    """H: local steps between two model averages (intra-node ones for hierarchical)."""
-    block_period: int = 1
-    """H_b (hierarchical only): a global average every period * block_period steps."""
-    switch_epoch: float | None = None
-    """Post-local (or hierarchical) switch point in epochs; the paper uses the first LR decay."""
-    switch_step: int | None = None
-    """Switch point in optimizer steps (alternative to switch_epoch)."""
-    average_buffers: bool = True
-    """Average BatchNorm running statistics (buffers) together with parameters at each sync."""
-    momentum: MomentumPolicy = MomentumPolicy.local
-    """Momentum buffers at a sync: kept local (paper), averaged, or reset to zero."""
-    eval_model: EvalModel = EvalModel.averaged
-    """Model evaluated between syncs: the average (built aside, workers untouched) or each
-    local model, reporting the mean of their metrics."""
-    bucket_mb: float = 25.0
-    """Size of one averaging bucket in MiB: bounds extra memory and sets the collective count."""
-
-
-@dataclass
-class EngineConfig:
-    name: EngineName = EngineName.ddp
-    """ddp (PyTorch DistributedDataParallel) or deepspeed."""
-    deepspeed_config: str | None = None
-    """Path to a DeepSpeed JSON config (engine deepspeed only)."""
-
-
-@dataclass
 class DistConfig:
     backend: Backend = Backend.auto
     """Process-group backend; auto picks nccl on CUDA and gloo on CPU."""
@@ -236,21 +190,3 @@ class WandbConfig:
     """Run tags."""
     notes: str | None = None
     """Run notes."""
-
-
-@dataclass
-class RecipeConfig:
-    name: str = "run"
-    """Recipe name: default run directory and W&B group."""
-    seed: int = 0
-    """Seed for model init, data partition and augmentation."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -20,7 +20,13 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 from torchvision.datasets.utils import check_integrity
 
-from localsgd.config.schema import DataConfig, DatasetName
+from localsgd.config.schema import (
+    MIN_IMAGE_SIZE,
+    MIN_SYNTHETIC_CLASSES,
+    MIN_SYNTHETIC_SAMPLES,
+    DataConfig,
+    DatasetName,
+)
 from localsgd.data.errors import DataError
 
 # Per-channel statistics of the training images (true pixel std, so normalised data has
@@ -244,12 +250,13 @@ def _build_synthetic(cfg: DataConfig, seed: int) -> DatasetBundle:
     than by single-pixel noise that could only be memorised.
     """
     n_train, n_classes, size = cfg.synthetic_samples, cfg.synthetic_classes, cfg.image_size
-    if n_train < 4:
-        raise DataError(f"data.synthetic_samples={n_train} must be at least 4 (test: a quarter)")
-    if n_classes < 2:
-        raise DataError(f"data.synthetic_classes={n_classes} must be at least 2")
-    if size < 4:
-        raise DataError(f"data.image_size={size} must be at least 4 for synthetic data")
+    # The recipe's rules (config.validate) already enforce these minimums; this guards
+    # direct callers.
+    for key, value, least in (("synthetic_samples", n_train, MIN_SYNTHETIC_SAMPLES),
+                              ("synthetic_classes", n_classes, MIN_SYNTHETIC_CLASSES),
+                              ("image_size", size, MIN_IMAGE_SIZE)):
+        if value < least:
+            raise DataError(f"data.{key}={value} must be at least {least}")
     gen = torch.Generator().manual_seed(seed)
     latent = size // 4
     teacher = torch.randn(n_classes, 3 * latent * latent, generator=gen)

@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd.dist.env import DistInfo
 from localsgd.engines.base import momentum_tensors
+from localsgd.engines.registry import ENGINES, EngineContext
+from localsgd.registry import Part
 from localsgd.sync.accounting import CommMeter
 
 
@@ -49,11 +50,14 @@ def broadcast_state(module: nn.Module, meter: CommMeter) -> None:
             dist.broadcast(t.data, src=0)
 
 
-class DDPEngine:
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo,
-                 meter: CommMeter) -> None:
+@ENGINES.register
+class DDPEngine(Part):
+    name = "ddp"
+
+    def __init__(self, cfg: Any, ctx: EngineContext) -> None:
+        module, info, meter = ctx.module, ctx.info, ctx.meter
         self.module = module
-        self.optimizer = optimizer
+        self.optimizer = ctx.optimizer
         self.info = info
         self.meter = meter
         if info.world_size > 1:

@@ -48,15 +48,17 @@ import torch.distributed as dist
 from torch import nn
 
 from localsgd.config.errors import ConfigError
-from localsgd.config.schema import EngineConfig, SyncConfig
-from localsgd.dist.env import DistInfo
 from localsgd.engines.base import momentum_tensors
 from localsgd.engines.deepspeed_config import (
     KEY,
+    DeepSpeedKeys,
+    check_deepspeed_config,
     enabled,
     resolve_deepspeed_config,
     zero_stage,
 )
+from localsgd.engines.registry import ENGINES, EngineContext
+from localsgd.registry import Facts, Part
 from localsgd.sync.accounting import CommMeter
 
 INSTALL_HINT = "install it with pip install -e '.[deepspeed]'"
@@ -171,13 +173,20 @@ def _fp32_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     return output
 
 
-class DeepSpeedEngine:
-    def __init__(self, cfg: EngineConfig, sync: SyncConfig, module: nn.Module,
-                 optimizer: torch.optim.Optimizer, info: DistInfo, meter: CommMeter,
-                 micro_batch: int, grad_accum: int) -> None:
+@ENGINES.register
+class DeepSpeedEngine(Part):
+    name = "deepspeed"
+    Config = DeepSpeedKeys
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        return check_deepspeed_config(cfg.deepspeed_config, facts)
+
+    def __init__(self, cfg: Any, ctx: EngineContext) -> None:
+        module, optimizer, info, meter = ctx.module, ctx.optimizer, ctx.info, ctx.meter
+        grad_accum = ctx.facts.grad_accum
         # Configuration problems surface before the (slow) import and before any collective.
-        ds_config = resolve_deepspeed_config(cfg, sync, micro_batch, grad_accum,
-                                             info.world_size)
+        ds_config = resolve_deepspeed_config(cfg.deepspeed_config, ctx.facts)
         deepspeed = _import_deepspeed()
         from deepspeed.accelerator import get_accelerator
 

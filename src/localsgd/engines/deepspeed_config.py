@@ -28,14 +28,25 @@ DeepSpeed carries it out (precision, ZeRO stage, bucket sizes, logging). Policy:
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from localsgd.config.errors import ConfigError
-from localsgd.config.schema import Algorithm, EngineConfig, EngineName, SyncConfig
+from localsgd.registry import Facts
 
 KEY = "engine.deepspeed_config"
+
+
+@dataclass
+class DeepSpeedKeys:
+    deepspeed_config: str | None = None
+    """Path to a DeepSpeed JSON config (engine deepspeed only)."""
+
+
 _FP16_NAMES = {"fp16", "float16", "half", "torch.float16", "torch.half"}
 
 
@@ -45,7 +56,13 @@ def enabled(section: Any) -> bool:
 
 
 def load_json(path: str) -> dict[str, Any]:
-    """The JSON object in ``path``; ConfigError when it is missing or not an object."""
+    """The JSON object in ``path`` (a fresh copy; the file is read once per process);
+    ConfigError when it is missing or not an object."""
+    return copy.deepcopy(_read_json(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_json(path: str) -> dict[str, Any]:
     p = Path(path)
     try:
         raw = json.loads(p.read_text())
@@ -67,9 +84,10 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return stage if isinstance(stage, int) and not isinstance(stage, bool) else -1
 
 
-def _reconcile(ds: dict[str, Any], path: str, sync: SyncConfig, micro_batch: int,
-               grad_accum: int, world_size: int | None) -> tuple[dict[str, Any], list[str]]:
+def _reconcile(ds: dict[str, Any], path: str,
+               facts: Facts) -> tuple[dict[str, Any], list[str]]:
     """(the JSON with recipe-owned keys filled, problems)."""
+    micro_batch, grad_accum, world_size = facts.micro_batch, facts.grad_accum, facts.world_size
     out = dict(ds)
     p: list[str] = []
     where = f"{KEY}: '{path}'"
@@ -137,9 +155,9 @@ def _reconcile(ds: dict[str, Any], path: str, sync: SyncConfig, micro_batch: int
                  "themselves; the trainer evaluates, averages and saves whole models, so use "
                  "stage 0, 1 or 2")
     elif stage >= 1:
-        if sync.algorithm != Algorithm.minibatch:
+        if facts.local_steps:
             p.append(f"{where} sets zero_optimization.stage={stage}, but "
-                     f"sync.algorithm={sync.algorithm.value} trains a separate model on every "
+                     f"sync.algorithm={facts.algorithm} trains a separate model on every "
                      "worker, and ZeRO partitions optimizer state (and gradients from stage 2) "
                      "across workers, which local SGD cannot use; use a stage-0 config (e.g. "
                      "deepspeed_configs/zero0_fp32.json) or sync.algorithm=minibatch")
@@ -152,32 +170,26 @@ def _reconcile(ds: dict[str, Any], path: str, sync: SyncConfig, micro_batch: int
     return out, p
 
 
-def check_deepspeed_config(engine: EngineConfig, sync: SyncConfig, micro_batch: int,
-                           grad_accum: int, world_size: int | None = None) -> list[str]:
+def check_deepspeed_config(path: str | None, facts: Facts) -> list[str]:
     """Problems of the recipe's DeepSpeed JSON, each naming the file, key and fix.
 
-    Empty unless ``engine.name`` is deepspeed with a JSON path. ``train_batch_size`` is
-    compared exactly only when ``world_size`` is known (at launch), else for divisibility.
+    ``train_batch_size`` is compared exactly only when the world size is known (at launch),
+    else for divisibility.
     """
-    if engine.name != EngineName.deepspeed or engine.deepspeed_config is None:
-        return []
+    if path is None:
+        return [f"{KEY}: engine deepspeed needs a DeepSpeed JSON, e.g. "
+                f"{KEY}=deepspeed_configs/zero0_fp32.json"]
     try:
-        ds = load_json(engine.deepspeed_config)
+        ds = load_json(path)
     except ConfigError as exc:
         return exc.problems
-    return _reconcile(ds, engine.deepspeed_config, sync, micro_batch, grad_accum,
-                      world_size)[1]
+    return _reconcile(ds, path, facts)[1]
 
 
-def resolve_deepspeed_config(engine: EngineConfig, sync: SyncConfig, micro_batch: int,
-                             grad_accum: int, world_size: int) -> dict[str, Any]:
+def resolve_deepspeed_config(path: str | None, facts: Facts) -> dict[str, Any]:
     """The dict to hand to ``deepspeed.initialize``, or ConfigError listing every problem."""
-    if engine.deepspeed_config is None:
-        raise ConfigError([f"{KEY}: engine deepspeed needs a DeepSpeed JSON, e.g. "
-                           f"{KEY}=deepspeed_configs/zero0_fp32.json"])
-    ds = load_json(engine.deepspeed_config)
-    out, problems = _reconcile(ds, engine.deepspeed_config, sync, micro_batch, grad_accum,
-                               world_size)
+    problems = check_deepspeed_config(path, facts)
     if problems:
         raise ConfigError(problems)
-    return out
+    assert path is not None
+    return _reconcile(load_json(path), path, facts)[0]

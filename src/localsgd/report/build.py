@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from localsgd.config.schema import RecipeConfig
-from localsgd.dist.env import DistInfo
+from localsgd.launch.env import DistInfo
+from localsgd.recipe import RecipeConfig
 from localsgd.report.base import Reporter, Reporters
 from localsgd.report.console import ConsoleReporter
 from localsgd.report.files import JsonlReporter

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from localsgd.config.schema import RecipeConfig
+from localsgd.recipe import RecipeConfig
 
 if TYPE_CHECKING:  # keeps `localsgd report` from importing torch
-    from localsgd.dist.env import DistInfo
+    from localsgd.launch.env import DistInfo
 
 
 class WandbSinkWarning(RuntimeWarning):
@@ -141,7 +141,7 @@ class WandbReporter:
             project=w.project,
             entity=w.entity,
             group=w.group or cfg.name,
-            job_type=cfg.sync.algorithm.value,
+            job_type=cfg.sync.algorithm,
             name=w.name or run_dir.resolve().name,
             tags=list(w.tags),
             notes=w.notes,

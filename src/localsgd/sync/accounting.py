@@ -13,8 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 KINDS = ("grad", "average", "eval", "other")
-"""grad: gradient all-reduce of mini-batch steps; average: model averaging at syncs;
-eval: forming the averaged model for evaluation; other: set-up broadcasts, metric reductions."""
+"""Kinds every run reports, even at zero: grad: gradient all-reduce of mini-batch steps;
+average: model averaging at syncs; eval: forming the averaged model for evaluation; other:
+set-up broadcasts, metric reductions. Parts may record kinds of their own (for example
+``average_compressed``); those appear once first recorded."""
 
 
 @dataclass
@@ -28,10 +30,9 @@ class KindTotals:
 class CommMeter:
     totals: dict[str, KindTotals] = field(
         default_factory=lambda: {k: KindTotals() for k in KINDS})
-    _epoch_start: dict[str, KindTotals] = field(default_factory=dict)
 
     def record(self, kind: str, nbytes: int, seconds: float = 0.0, calls: int = 1) -> None:
-        t = self.totals[kind]
+        t = self.totals.setdefault(kind, KindTotals())
         t.bytes += nbytes
         t.calls += calls
         t.seconds += seconds

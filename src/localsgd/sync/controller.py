@@ -1,23 +1,26 @@
-"""Carries out the schedule's decisions on whatever engine holds the model.
+"""Drives the sync parts on whatever engine holds the model; owns the one step counter.
 
-The controller owns the one step counter. Engines expose the tensors to average through
-``SyncTarget``; the controller decides when, over which group, and what happens to momentum.
+After each optimizer step the controller asks the schedule whether a sync is due and over
+which scope, picks the tensors (parameters, then buffers and momentum as the recipe says)
+from the engine's ``SyncTarget``, and hands the sync to the runner. The topology, reducer,
+update and runner are chosen by name from their registries; the controller never branches
+on which ones they are. Observers see every step and sync without patching anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from localsgd.config.schema import MomentumPolicy, SyncConfig
-from localsgd.dist.env import DistInfo, node_groups
+from localsgd.launch.env import DistInfo
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.averager import BucketAverager
-from localsgd.sync.schedule import Action, SyncSchedule
+from localsgd.sync.averager import Averager
+from localsgd.sync.buckets import Bucketer
+from localsgd.sync.parts import PART_KINDS, MomentumPolicy
+from localsgd.sync.schedules.base import GLOBAL, Schedule
 
 
 class SyncTarget(Protocol):
@@ -40,6 +43,19 @@ class SyncTarget(Protocol):
         ...
 
 
+class SyncObserver:
+    """Sees the controller's work from outside (tests, probes, fault injection)."""
+
+    def before_sync(self, step: int, action: str, target: SyncTarget) -> None:
+        pass
+
+    def after_sync(self, step: int, action: str, distance: float, target: SyncTarget) -> None:
+        pass
+
+    def after_step(self, step: int, action: str | None, target: SyncTarget) -> None:
+        pass
+
+
 @dataclass
 class SyncEvent:
     step: int
@@ -48,72 +64,95 @@ class SyncEvent:
     """This worker's ||theta_i - theta_avg|| just before the average."""
 
 
-@dataclass
 class SyncController:
-    cfg: SyncConfig
-    schedule: SyncSchedule
-    info: DistInfo
-    meter: CommMeter
-    step: int = 0
-    """Optimizer steps completed: the only counter; saved in checkpoints."""
-    events: list[SyncEvent] = field(default_factory=list)
-    averager: BucketAverager = field(init=False)
-    node_group: dist.ProcessGroup | None = field(init=False, default=None)
+    def __init__(self, cfg: Any, schedule: Schedule, info: DistInfo, meter: CommMeter,
+                 observers: list[SyncObserver] | None = None) -> None:
+        self.cfg = cfg
+        self.schedule = schedule
+        self.info = info
+        self.meter = meter
+        self.observers = list(observers or [])
+        self.step = 0
+        """Optimizer steps completed: the only counter; saved in checkpoints."""
+        self.events: list[SyncEvent] = []
+        chosen = {kind: reg.get(getattr(cfg, key)) for kind, (key, reg) in PART_KINDS.items()}
+        self.topology = chosen["topology"](cfg, info, schedule.scopes)
+        self.reducer = chosen["reducer"](cfg)
+        self.update = chosen["update"](cfg)
+        self.runner = chosen["runner"](cfg)
+        self.parts: dict[str, Any] = {"schedule": schedule, "topology": self.topology,
+                                      "reducer": self.reducer, "update": self.update,
+                                      "runner": self.runner}
+        self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer)
 
-    def __post_init__(self) -> None:
-        self.averager = BucketAverager(self.meter, self.cfg.bucket_mb)
-        if self.schedule.algorithm.value == "hierarchical":
-            self.node_group, _ = node_groups(self.info)
+    @staticmethod
+    def schedule_for(cfg: Any, steps_per_epoch: int) -> Schedule:
+        """The schedule ``sync.algorithm`` names, for ``steps_per_epoch`` optimizer steps."""
+        return PART_KINDS["schedule"][1].get(cfg.algorithm).from_config(cfg, steps_per_epoch)
+
+    @classmethod
+    def build(cls, cfg: Any, info: DistInfo, meter: CommMeter, steps_per_epoch: int,
+              observers: list[SyncObserver] | None = None) -> SyncController:
+        """The controller for the ``sync`` section ``cfg``."""
+        return cls(cfg, cls.schedule_for(cfg, steps_per_epoch), info, meter, observers)
 
     def grad_sync(self) -> bool:
         return self.schedule.grad_sync(self.step)
 
-    def _group(self, action: Action) -> tuple[dist.ProcessGroup | None, int]:
-        if action == Action.intra:
-            return self.node_group, self.info.local_world_size
-        return None, self.info.world_size
-
-    def _average(self, target: SyncTarget, action: Action, final: bool = False) -> float:
+    def _sync(self, target: SyncTarget, action: str, final: bool = False) -> float | None:
         params = target.sync_params()
         tensors = list(params)
         if self.cfg.average_buffers or final:
             tensors += target.sync_buffers()
         if self.cfg.momentum == MomentumPolicy.average:
             tensors += target.momentum_buffers()
-        group, size = self._group(action)
-        distance = self.averager.average(tensors, group, size, measured=len(params))
-        if self.cfg.momentum == MomentumPolicy.reset:
-            for m in target.momentum_buffers():
-                m.zero_()
-        target.after_params_changed()
+        group, size = self.topology.group(action)
+
+        def average() -> float:
+            distance = self.averager.average(tensors, group, size, params=len(params),
+                                             update=self.update)
+            if self.cfg.momentum == MomentumPolicy.reset:
+                for m in target.momentum_buffers():
+                    m.zero_()
+            target.after_params_changed()
+            return distance
+
+        for o in self.observers:
+            o.before_sync(self.step, action, target)
+        distance = average() if final else self.runner.run(average)
+        if distance is not None:
+            self.events.append(SyncEvent(self.step, "final" if final else action, distance))
+            for o in self.observers:
+                o.after_sync(self.step, action, distance, target)
         return distance
 
-    def after_step(self, target: SyncTarget) -> Action:
-        """Count the optimizer step just taken and average if the schedule says so."""
+    def after_step(self, target: SyncTarget) -> str | None:
+        """Count the optimizer step just taken and sync if the schedule says so."""
         self.step += 1
         action = self.schedule.action_after(self.step)
-        if action != Action.none and self.info.world_size > 1:
-            distance = self._average(target, action)
-            self.events.append(SyncEvent(self.step, action.value, distance))
+        if action is not None and self.info.world_size > 1:
+            self._sync(target, action)
+        for o in self.observers:
+            o.after_step(self.step, action, target)
         return action
 
     def finish(self, target: SyncTarget) -> None:
         """Final global average, buffers included, so the saved model is the consensus."""
         if self.info.world_size == 1:
             return
+        self.runner.drain()
         if self.schedule.in_consensus(self.step):
             # Parameters already agree; BatchNorm statistics never do under mini-batch SGD.
-            self.averager.average(target.sync_buffers(), None, self.info.world_size)
+            self.averager.average(target.sync_buffers(), *self.topology.group(GLOBAL))
             return
-        distance = self._average(target, Action.global_, final=True)
-        self.events.append(SyncEvent(self.step, "final", distance))
+        self._sync(target, GLOBAL, final=True)
 
     def averaged_copy(self, target: SyncTarget, out: nn.Module) -> None:
         """Write the average of all workers' models into ``out``; the workers are untouched."""
         src_params = target.sync_params()
-        dst_params = [p for p in out.parameters()]
+        dst_params = list(out.parameters())
         src_buffers = target.sync_buffers()
-        dst_buffers = [b for b in out.buffers()]
+        dst_buffers = list(out.buffers())
         with torch.no_grad():
             if self.schedule.in_consensus(self.step):
                 for s, d in zip(src_params, dst_params, strict=True):
@@ -122,7 +161,7 @@ class SyncController:
             else:
                 src, dst = src_params + src_buffers, dst_params + dst_buffers
             if self.info.world_size > 1:
-                self.averager.average(src, None, self.info.world_size, kind="eval", out=dst)
+                self.averager.average(src, *self.topology.group(GLOBAL), kind="eval", out=dst)
             else:
                 for s, d in zip(src, dst, strict=True):
                     d.copy_(s)
@@ -131,11 +170,24 @@ class SyncController:
         events, self.events = self.events, []
         return events
 
+    # checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # Pending events belong to the epoch in progress; a mid-epoch resume must log them.
         return {"step": self.step,
-                "events": [[e.step, e.action, e.distance] for e in self.events]}
+                "events": [[e.step, e.action, e.distance] for e in self.events],
+                "parts": {kind: part.state_dict() for kind, part in self.parts.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.events = [SyncEvent(int(s), str(a), float(d)) for s, a, d in state["events"]]
+        for kind, part in self.parts.items():
+            part.load_state_dict(state.get("parts", {}).get(kind, {}))
+
+    def load_merged(self, states: list[dict[str, Any]], step: int) -> None:
+        """Continue at ``step`` from the states of a run with another world size: each part
+        merges its own states; events of the unfinished epoch are dropped with it."""
+        self.step = step
+        self.events = []
+        for kind, part in self.parts.items():
+            own = [s.get("parts", {}).get(kind, {}) for s in states]
+            part.load_state_dict(type(part).merge_states(own))

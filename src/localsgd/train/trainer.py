@@ -16,17 +16,16 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from localsgd.config.errors import ConfigError
-from localsgd.config.load import to_yaml
-from localsgd.config.schema import EvalModel, RecipeConfig
 from localsgd.data import DataError, build_datasets, build_eval_loader, build_train_loader
-from localsgd.dist.env import DistInfo
-from localsgd.engines import build_engine
+from localsgd.engines import EngineContext, build_engine
+from localsgd.launch.env import DistInfo
 from localsgd.models import build_model
+from localsgd.recipe import RecipeConfig, facts, to_yaml
 from localsgd.report.base import Reporters
 from localsgd.report.build import build_reporters
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.controller import SyncController
-from localsgd.sync.schedule import SyncSchedule
+from localsgd.sync.controller import SyncController, SyncObserver
+from localsgd.sync.parts import EvalModel
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
@@ -39,9 +38,11 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: RecipeConfig, info: DistInfo) -> None:
+    def __init__(self, cfg: RecipeConfig, info: DistInfo,
+                 observers: list[SyncObserver] | None = None) -> None:
         self.cfg = cfg
         self.info = info
+        self.observers = list(observers or [])
         self.device = info.device
         self.run_dir = Path(cfg.run.dir)
         self.meter = CommMeter()
@@ -105,10 +106,12 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model, self.peak_lr)
         self.scheduler = build_scheduler(cfg.lr_schedule, self.optimizer, cfg.optim.base_lr,
                                          self.peak_lr, self.steps_per_epoch, cfg.train.epochs)
-        self.engine = build_engine(cfg.engine, cfg.sync, self.model, self.optimizer, info,
-                                   self.meter, cfg.data.batch_size, cfg.train.grad_accum)
-        self.schedule = SyncSchedule.from_config(cfg.sync, self.steps_per_epoch)
-        self.controller = SyncController(cfg.sync, self.schedule, info, self.meter)
+        self.engine = build_engine(cfg.engine, EngineContext(
+            self.model, self.optimizer, info, self.meter,
+            facts(cfg, info.world_size, info.local_world_size)))
+        self.controller = SyncController.build(cfg.sync, info, self.meter,
+                                               self.steps_per_epoch, self.observers)
+        self.schedule = self.controller.schedule
         self.averaged_eval = cfg.sync.eval_model == EvalModel.averaged
         self.eval_loader = build_eval_loader(
             self.data.test, max(256, cfg.data.batch_size), info.rank, info.world_size,
@@ -156,7 +159,8 @@ class Trainer:
             self.state.load_state_dict(state["trainer"])
             self.state.epoch_step = 0
             self.state.stats.zero_()
-            self.controller.step = self.state.epoch * self.steps_per_epoch
+            self.controller.load_merged([s["sync"] for s in states],
+                                        self.state.epoch * self.steps_per_epoch)
             for _ in range(self.controller.step):
                 self.scheduler.step()
         self.meter.load_state_dict(state["meter"])
@@ -176,9 +180,9 @@ class Trainer:
         while not self._done():
             self._train_epoch(start)
         self.controller.finish(self.engine)
-        for e in self.controller.pop_events():
-            self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
-                                "sync/consensus_distance_rank0": e.distance})
+        events = self.controller.pop_events()
+        if events:
+            self._log_syncs(events, self._mean_over_ranks([e.distance for e in events]))
         return self._finish(time.perf_counter() - start)
 
     def close(self) -> None:
@@ -263,19 +267,16 @@ class Trainer:
         cfg, info, st = self.cfg, self.info, self.state
         events = self.controller.pop_events()
         # One collective carries the epoch's train sums and every sync's distance.
-        packed = torch.cat([stats, torch.tensor([e.distance for e in events],
-                                                dtype=torch.float64, device=self.device)])
-        with self.meter.timed("other", packed.numel() * packed.element_size()):
-            dist.all_reduce(packed)
-        loss_sum, correct, count = packed[:3].tolist()
-        distances = (packed[3:] / info.world_size).tolist()
+        packed = self._sum_over_ranks([*stats.tolist(), *(e.distance for e in events)])
+        loss_sum, correct, count = packed[:3]
+        distances = [d / info.world_size for d in packed[3:]]
         record: dict[str, Any] = {
             "event": "epoch", "epoch": st.epoch, "step": self.controller.step,
             "samples": self.controller.step * info.world_size * cfg.data.batch_size
             * cfg.train.grad_accum,
             "train/loss": loss_sum / max(count, 1), "train/acc": correct / max(count, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "sync/phase": self.schedule.phase(max(self.controller.step - 1, 0)).value,
+            "sync/phase": self.schedule.phase(max(self.controller.step - 1, 0)),
             "sync/period": self.schedule.effective_period(max(self.controller.step - 1, 0)),
             "sync/count": len(events),
             "throughput/samples_per_s": count / max(st.epoch_seconds, 1e-9),
@@ -295,14 +296,27 @@ class Trainer:
                 st.time_to_target = time.perf_counter() - start
         st.elapsed = time.perf_counter() - start
         record["time/wall_s"] = st.elapsed
-        for e, d in zip(events, distances, strict=True):
-            self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
-                                "sync/consensus_distance": d})
+        self._log_syncs(events, distances)
         self.reporters.log(record)
         every, every_steps = cfg.run.checkpoint_every_epochs, cfg.run.checkpoint_every_steps
         if (every and (st.epoch % every == 0 or self._done())) or (
                 every_steps and self.controller.step % every_steps == 0):
             self._save_checkpoint()
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        packed = torch.tensor(values, dtype=torch.float64, device=self.device)
+        with self.meter.timed("other", packed.numel() * packed.element_size()):
+            dist.all_reduce(packed)
+        return packed.tolist()
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        return [v / self.info.world_size for v in self._sum_over_ranks(values)]
+
+    def _log_syncs(self, events: list[Any], distances: list[float]) -> None:
+        """One record per sync with the mean over workers of the consensus distance."""
+        for e, d in zip(events, distances, strict=True):
+            self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
+                                "sync/consensus_distance": d})
 
     def _evaluate(self) -> dict[str, float]:
         if self.averaged_eval:
@@ -330,7 +344,7 @@ class Trainer:
             "eval/loss": self.last_eval.get("eval/loss"),
             "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
             "step": self.controller.step, "epoch": self.state.epoch,
-            "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm.value,
+            "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm,
             "time/to_target_s": self.state.time_to_target,
             **self.meter.flat(),
         }

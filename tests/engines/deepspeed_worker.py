@@ -15,39 +15,26 @@ import io
 import sys
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from helpers import NoTimer
 from torch import nn
 
-from localsgd.config.schema import (
-    Algorithm,
-    DistConfig,
-    EngineConfig,
-    EngineName,
-    ModelConfig,
-    ModelName,
-    MomentumPolicy,
-    OptimConfig,
-    SyncConfig,
-)
-from localsgd.dist.env import init_distributed
+from localsgd.config.schema import DistConfig, ModelConfig, ModelName, OptimConfig
+from localsgd.engines import EngineConfig, EngineContext, build_engine
+from localsgd.launch.env import init_distributed
 from localsgd.models import build_model
+from localsgd.registry import Facts
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.controller import SyncController
-from localsgd.sync.schedule import SyncSchedule
+from localsgd.sync.parts import SyncConfig
 from localsgd.train.optim import build_optimizer
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                "reduce_scatter_tensor", "reduce_scatter", "reduce", "barrier", "all_to_all")
 MICRO, ACCUM = 4, 2
-
-
-class NoTimer:
-    def phase(self, name: str) -> nullcontext[None]:
-        return nullcontext()
 
 
 def count_torch_collectives() -> Counter[str]:
@@ -82,15 +69,15 @@ def step(engine: Any, rank: int, gen: torch.Generator, grad_sync: bool) -> None:
     engine.optimizer_step()
 
 
-def build(config: str, info: Any, sync: SyncConfig) -> tuple[Any, nn.Module, CommMeter]:
-    from localsgd.engines.deepspeed import DeepSpeedEngine
-
+def build(config: str, info: Any) -> tuple[Any, nn.Module, CommMeter]:
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=ModelName.simplecnn), 10, 16)
     optimizer = build_optimizer(OptimConfig(base_lr=0.05), model, 0.05)
     meter = CommMeter()
-    engine = DeepSpeedEngine(EngineConfig(name=EngineName.deepspeed, deepspeed_config=config),
-                             sync, model, optimizer, info, meter, MICRO, ACCUM)
+    engine = build_engine(EngineConfig(name="deepspeed", deepspeed_config=config),
+                          EngineContext(model, optimizer, info, meter, Facts(
+                              epochs=1, micro_batch=MICRO, grad_accum=ACCUM, local_steps=True,
+                              world_size=info.world_size)))
     return engine, model, meter
 
 
@@ -106,7 +93,7 @@ def local_steps_then_sync(engine: Any, info: Any, sync: SyncConfig, meter: CommM
     local = [m.clone() for m in engine.sync_params()]
     expected = [torch.stack(gather(m)).mean(0) for m in local]
     assert any(not torch.equal(a, b) for a, b in zip(local, expected, strict=True))
-    controller = SyncController(sync, SyncSchedule.from_config(sync, 100), info, meter)
+    controller = SyncController.build(sync, info, meter, steps_per_epoch=100)
     controller.after_step(engine)
     assert meter.totals["average"].calls == 1
     for m, e in zip(engine.sync_params(), expected, strict=True):
@@ -115,8 +102,8 @@ def local_steps_then_sync(engine: Any, info: Any, sync: SyncConfig, meter: CommM
 
 
 def check_bf16(config: str, info: Any, calls: Counter[str]) -> None:
-    sync = SyncConfig(algorithm=Algorithm.local, period=1, momentum=MomentumPolicy.average)
-    engine, model, meter = build(config, info, sync)
+    sync = SyncConfig(algorithm="local", period=1, momentum="average")
+    engine, model, meter = build(config, info)
     optimizer = engine.optimizer
     params = list(model.parameters())
     masters = engine.sync_params()
@@ -157,8 +144,8 @@ def check_bf16(config: str, info: Any, calls: Counter[str]) -> None:
 
 
 def check_autocast(config: str, info: Any, calls: Counter[str]) -> None:
-    sync = SyncConfig(algorithm=Algorithm.local, period=1)
-    engine, model, meter = build(config, info, sync)
+    sync = SyncConfig(algorithm="local", period=1)
+    engine, model, meter = build(config, info)
     # fp32 weights are their own masters; the forward pass runs in bf16.
     params = list(model.parameters())
     assert all(p.dtype == torch.float32 for p in params)

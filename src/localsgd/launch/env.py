@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 
+from localsgd.config.errors import ConfigError
 from localsgd.config.schema import Backend, Device, DistConfig
 
 
@@ -52,8 +53,8 @@ def resolve_device(cfg: DistConfig, local_rank: int) -> torch.device:
         cfg.device == Device.auto and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("dist.device=cuda but no CUDA device is visible; use "
-                               "dist.device=cpu or dist.device=auto")
+            raise ConfigError(["dist.device: cuda was asked for but no CUDA device is "
+                               "visible; use dist.device=cpu or dist.device=auto"])
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

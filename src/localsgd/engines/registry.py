@@ -1,0 +1,54 @@
+"""Engines by name (``engine.name``), the ``engine`` section they compose, and building one.
+
+An engine is a file in this package that registers a class with a ``name``, a ``Config`` of
+the ``engine.*`` keys it reads, a ``check`` of them, and a constructor taking its section and
+an ``EngineContext``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from localsgd.launch.env import DistInfo
+from localsgd.registry import Facts, Registry, Section, compose
+from localsgd.sync.accounting import CommMeter
+
+ENGINES: Registry[type] = Registry("engine.name", "localsgd.engines")
+
+
+@dataclass
+class EngineCommon:
+    name: str = "ddp"
+    """ddp (PyTorch DistributedDataParallel) or deepspeed."""
+
+
+@dataclass
+class EngineContext:
+    """What an engine is built from besides its own section."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    info: DistInfo
+    meter: CommMeter
+    facts: Facts
+    """Batch, accumulation, world size and whether the schedule takes local steps."""
+
+
+SECTION = Section("engine", EngineCommon, {"name": ENGINES})
+# Last: composing imports every engine module, and those import the names above.
+EngineConfig = compose("EngineConfig", EngineCommon, [ENGINES])
+"""The ``engine`` section: ``name`` plus every registered engine's keys."""
+
+
+def check_engine(cfg: Any, facts: Facts) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the ``engine`` section."""
+    return SECTION.check(cfg, facts)
+
+
+def build_engine(cfg: Any, ctx: EngineContext) -> Any:
+    """The engine named by ``cfg.name``, built from its own section."""
+    return ENGINES.get(cfg.name)(cfg, ctx)

@@ -1,0 +1,207 @@
+"""Registries of interchangeable parts, and recipe sections composed from them.
+
+A part (a sync schedule, a reducer, an engine, ...) is a class with a ``name``, a ``Config``
+dataclass holding the keys it reads, and a ``check`` that returns every problem of those
+keys. A registry finds its parts by importing every module of one package, so adding a part
+is adding a file: no central list names it. A section of the recipe (``sync``, ``engine``)
+is composed from a few common keys plus the keys of every registered part; keys that only an
+inactive part reads are reported as warnings, never as errors, so overrides compose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Generic, TypeVar
+
+
+@dataclass
+class NoKeys:
+    """The ``Config`` of a part that reads no keys of its own."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a part's check may know beyond its own section (never another section itself)."""
+
+    epochs: int
+    """train.epochs."""
+    micro_batch: int
+    """data.batch_size."""
+    grad_accum: int
+    """train.grad_accum."""
+    local_steps: bool = False
+    """Whether the chosen sync schedule ever takes a step without a gradient all-reduce."""
+    algorithm: str = "minibatch"
+    """The chosen sync.algorithm (for messages)."""
+    world_size: int | None = None
+    """Known at launch only."""
+    local_world_size: int | None = None
+    """Workers per node (torchrun --nproc-per-node); known at launch only."""
+
+
+class Part:
+    """Base of every registered part: its keys, its checks and its checkpointed state."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoKeys
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        """Every problem of the keys this part reads, each naming its full key."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    @classmethod
+    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """One state from the states of a run with another world size (one per old rank)."""
+        return dict(states[0]) if states else {}
+
+
+P = TypeVar("P", bound=type)
+
+
+class Registry(Generic[P]):
+    """Parts of one kind, chosen by the recipe key ``key``; loaded from ``package``."""
+
+    def __init__(self, key: str, package: str) -> None:
+        self.key = key
+        self.package = package
+        self._parts: dict[str, P] = {}
+        self._loaded = False
+
+    def register(self, part: P) -> P:
+        name = part.name  # type: ignore[attr-defined]
+        if name in self._parts and self._parts[name] is not part:
+            raise ValueError(f"{self.key}: two parts are named '{name}'")
+        self._parts[name] = part
+        return part
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        pkg = importlib.import_module(self.package)
+        for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{self.package}.{mod.name}")
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._parts)
+
+    def parts(self) -> list[P]:
+        return [self._parts[n] for n in self.names()]
+
+    def find(self, name: str) -> P | None:
+        self._load()
+        return self._parts.get(name)
+
+    def get(self, name: str) -> P:
+        part = self.find(name)
+        if part is None:
+            raise KeyError(self.unknown(name))
+        return part
+
+    def unknown(self, name: str) -> str:
+        choices = self.names()
+        close = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{self.key}: unknown value {name!r}; {hint}choose one of {', '.join(choices)}"
+
+
+def _field_key(f: dataclasses.Field[Any]) -> tuple[Any, Any]:
+    default = f.default if f.default is not MISSING else (
+        f.default_factory() if f.default_factory is not MISSING else MISSING)
+    return (str(f.type), default)
+
+
+def compose(name: str, common: type, registries: Iterable[Registry[Any]]) -> type:
+    """A dataclass with ``common``'s fields and every registered part's ``Config`` fields.
+
+    Parts may share a key (the schedules all read ``period``) when they declare it alike.
+    """
+    taken = {f.name: _field_key(f) for f in fields(common)}
+    extra: list[tuple[str, Any, Any]] = []
+    for registry in registries:
+        for part in registry.parts():
+            for f in fields(part.Config):
+                if f.name in taken:
+                    if taken[f.name] != _field_key(f):
+                        raise TypeError(f"{registry.key}={part.name} declares "
+                                        f"'{f.name}' unlike another part")
+                    continue
+                taken[f.name] = _field_key(f)
+                kw = ({"default": f.default} if f.default is not MISSING
+                      else {"default_factory": f.default_factory})
+                extra.append((f.name, f.type, field(**kw)))
+    cls = dataclasses.make_dataclass(name, extra, bases=(common,))
+    cls.__module__ = common.__module__
+    return cls
+
+
+@dataclass
+class Section:
+    """A composed recipe section: its prefix, common keys and the registries choosing parts."""
+
+    prefix: str
+    common: type
+    selectors: dict[str, Registry[Any]]
+    """Common key -> the registry its value names a part of."""
+
+    def active(self, cfg: Any) -> dict[str, Any] | None:
+        """Selector key -> chosen part class; None when a selector names no part."""
+        chosen = {k: r.find(getattr(cfg, k)) for k, r in self.selectors.items()}
+        return None if any(p is None for p in chosen.values()) else chosen
+
+    def check(self, cfg: Any, facts: Facts) -> tuple[list[str], list[str]]:
+        """(problems, warnings) of the section: unknown parts, the chosen parts' own checks,
+        and one warning for every key set away from its default that no chosen part reads."""
+        problems = [r.unknown(getattr(cfg, k)) for k, r in self.selectors.items()
+                    if r.find(getattr(cfg, k)) is None]
+        chosen = self.active(cfg)
+        if chosen is None:
+            return problems, []
+        used = {f.name for f in fields(self.common)}
+        for part in chosen.values():
+            used |= {f.name for f in fields(part.Config)}
+            problems += part.check(cfg, facts)
+        warnings: list[str] = []
+        defaults = {f.name: _field_key(f)[1] for f in fields(cfg)}
+        for f in fields(cfg):
+            if f.name in used or getattr(cfg, f.name) == defaults[f.name]:
+                continue
+            readers: dict[str, list[str]] = {}
+            for k, r in self.selectors.items():
+                for p in r.parts():
+                    if f.name in {g.name for g in fields(p.Config)}:
+                        readers.setdefault(k, []).append(p.name)
+            now = ", ".join(f"{self.prefix}.{k}={getattr(cfg, k)}" for k in readers)
+            used_by = "; ".join(f"{self.prefix}.{k}=" + "|".join(names)
+                                for k, names in readers.items())
+            warnings.append(f"{self.prefix}.{f.name}: has no effect with {now} and is ignored "
+                            f"(only {used_by} reads it)")
+        return problems, warnings
+
+
+def need(problems: list[str]) -> Callable[[bool, str], None]:
+    """``check(cond, msg)`` appends ``msg`` to ``problems`` when ``cond`` is false."""
+
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    return check
+
+
+def finite(value: float) -> bool:
+    return math.isfinite(value)

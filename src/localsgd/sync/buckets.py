@@ -1,0 +1,91 @@
+"""Bucketing: stream tensors through one preallocated flat buffer per dtype and device.
+
+Large tensors go in slices, so reducing a model of any size never copies it whole: extra
+memory is one bucket per dtype/device, and a model of N elements takes ceil(N / capacity)
+buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+Segment = tuple[int, int, int]
+"""(index of the tensor, first element, end element) of one slice in a bucket."""
+
+
+def segments(sizes: list[int], capacity: int) -> Iterator[list[Segment]]:
+    """Group slices of tensors with ``sizes`` elements into buckets of <= ``capacity``."""
+    bucket: list[Segment] = []
+    used = 0
+    for i, numel in enumerate(sizes):
+        start = 0
+        while start < numel:
+            take = min(numel - start, capacity - used)
+            bucket.append((i, start, start + take))
+            used += take
+            start += take
+            if used == capacity:
+                yield bucket
+                bucket, used = [], 0
+    if bucket:
+        yield bucket
+
+
+@dataclass
+class Slice:
+    index: int
+    """Position of the tensor in the list handed to ``Bucketer.fill``."""
+    start: int
+    """First element of the slice within that tensor."""
+    local: torch.Tensor
+    """The tensor's own elements (a view: writing to it writes the tensor)."""
+    packed: torch.Tensor
+    """The same elements inside the bucket."""
+
+
+@dataclass
+class Bucket:
+    flat: torch.Tensor
+    slices: list[Slice]
+
+
+class Bucketer:
+    def __init__(self, bucket_mb: float) -> None:
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def _buffer(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, device)
+        if key not in self.buffers:
+            elem = torch.empty((), dtype=dtype).element_size()
+            self.buffers[key] = torch.empty(max(1, self.bucket_bytes // elem), dtype=dtype,
+                                            device=device)
+        return self.buffers[key]
+
+    def fill(self, tensors: list[torch.Tensor]) -> Iterator[Bucket]:
+        """Buckets holding copies of the floating tensors in ``tensors``, one at a time.
+
+        Integer tensors (BatchNorm's batch counter) are skipped: they advance identically on
+        every worker. A bucket is valid until the next one is requested.
+        """
+        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.is_floating_point():
+                by_kind.setdefault((t.dtype, t.device), []).append(i)
+        for (dtype, device), idx in by_kind.items():
+            buf = self._buffer(dtype, device)
+            flat = [tensors[i].detach().reshape(-1) for i in idx]
+            for segs in segments([t.numel() for t in flat], buf.numel()):
+                n = sum(end - start for _, start, end in segs)
+                view = buf[:n]
+                slices: list[Slice] = []
+                pos = 0
+                for j, start, end in segs:
+                    packed = view[pos:pos + end - start]
+                    packed.copy_(flat[j][start:end])
+                    slices.append(Slice(idx[j], start, flat[j][start:end], packed))
+                    pos += end - start
+                yield Bucket(view, slices)

@@ -1,0 +1,78 @@
+"""The five kinds of sync part, one registry each, and the ``sync`` section they compose.
+
+A synchronization is *when* (schedule) x *with whom* (topology) x *what travels* (reducer)
+x *how it is applied* (update) x *blocking or in the background* (runner). Each kind is a
+folder of files under ``localsgd/sync/``; each file registers one part, which brings its own
+keys (its ``Config``) and checks them. The recipe key that chooses a part is listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from localsgd.registry import Facts, Registry, Section, compose
+
+
+class MomentumPolicy(str, Enum):
+    local = "local"
+    average = "average"
+    reset = "reset"
+
+
+class EvalModel(str, Enum):
+    averaged = "averaged"
+    local = "local"
+
+
+SCHEDULES: Registry[type] = Registry("sync.algorithm", "localsgd.sync.schedules")
+TOPOLOGIES: Registry[type] = Registry("sync.topology", "localsgd.sync.topologies")
+REDUCERS: Registry[type] = Registry("sync.reducer", "localsgd.sync.reducers")
+UPDATES: Registry[type] = Registry("sync.update", "localsgd.sync.updates")
+RUNNERS: Registry[type] = Registry("sync.runner", "localsgd.sync.runners")
+
+
+@dataclass
+class SyncCommon:
+    """Keys of the ``sync`` section that every combination of parts reads."""
+
+    algorithm: str = "minibatch"
+    """The schedule: minibatch (all-reduce gradients every step), local (average models every
+    ``period`` steps), post_local (minibatch until the switch point, then local) or
+    hierarchical (average inside a node every ``period`` steps, across nodes every
+    ``period * block_period``)."""
+    topology: str = "complete"
+    """Who exchanges with whom at a sync: complete (every worker, or every worker of a node)."""
+    reducer: str = "mean"
+    """What travels: mean (the exact mean, one all-reduce per bucket)."""
+    update: str = "copy"
+    """How the result is applied: copy (every worker takes the average)."""
+    runner: str = "blocking"
+    """When the result is applied: blocking (right away; training waits for it)."""
+    average_buffers: bool = True
+    """Average BatchNorm running statistics (buffers) together with parameters at each sync."""
+    momentum: MomentumPolicy = MomentumPolicy.local
+    """Momentum buffers at a sync: kept local (paper), averaged, or reset to zero."""
+    eval_model: EvalModel = EvalModel.averaged
+    """Model evaluated between syncs: the average (built aside, workers untouched) or each
+    local model, reporting the mean of their metrics."""
+    bucket_mb: float = 25.0
+    """Size of one averaging bucket in MiB: bounds extra memory and sets the collective count."""
+
+
+PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOPOLOGIES),
+         "reducer": ("reducer", REDUCERS), "update": ("update", UPDATES),
+         "runner": ("runner", RUNNERS)}
+"""Part kind -> (the sync key choosing it, its registry)."""
+
+SECTION = Section("sync", SyncCommon, {key: reg for key, reg in PART_KINDS.values()})
+SyncConfig = compose("SyncConfig", SyncCommon, SECTION.selectors.values())
+"""The ``sync`` section: the common keys above plus every registered part's keys."""
+
+
+def check_sync(cfg: SyncConfig, facts: Facts) -> tuple[list[str], list[str]]:  # type: ignore[valid-type]
+    """(problems, warnings) of the ``sync`` section."""
+    problems, warnings = SECTION.check(cfg, facts)
+    if cfg.bucket_mb <= 0:  # inf and nan are reported for every float key alike
+        problems.append(f"sync.bucket_mb: must be > 0, got {cfg.bucket_mb}")
+    return problems, warnings

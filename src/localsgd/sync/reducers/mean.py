@@ -1,0 +1,38 @@
+"""The exact mean: one all-reduce (sum) of a flat bucket, then a division by the group size.
+
+A reducer only moves one bucket: the averager does the bucketing, byte counting and the
+consensus distance around it, so another reducer (compressed, neighbour-only) replaces this
+file and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from localsgd.registry import Part
+from localsgd.sync.parts import REDUCERS
+
+
+@REDUCERS.register
+class Mean(Part):
+    name = "mean"
+
+    def __init__(self, cfg: Any) -> None:
+        pass
+
+    def payload_bytes(self, flat: torch.Tensor) -> int:
+        """Bytes this rank hands to the collective for ``flat``."""
+        return flat.numel() * flat.element_size()
+
+    def start(self, flat: torch.Tensor, group: dist.ProcessGroup | None) -> Any:
+        """Begin reducing ``flat`` in place over ``group``; returns what ``finish`` needs."""
+        return dist.all_reduce(flat, group=group)
+
+    def finish(self, work: Any, flat: torch.Tensor, size: int) -> torch.Tensor:
+        """Wait for ``work`` and leave the mean in ``flat``."""
+        if work is not None:
+            work.wait()
+        return flat.div_(size)

@@ -1,0 +1,107 @@
+"""What every schedule answers: pure functions of the one optimizer-step counter.
+
+``step`` is the number of optimizer steps completed so far; it is also the index of the step
+about to run. Nothing here touches processes, so schedules are unit-tested directly and the
+accounting tests predict collective counts from them. A sync's scope names the workers that
+take part: ``GLOBAL`` (all of them) or ``NODE`` (those of one node); the topology turns a
+scope into a process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from localsgd.registry import Facts, Part
+
+GLOBAL = "global"
+NODE = "intra"
+MINIBATCH = "minibatch"
+LOCAL = "local"
+
+
+@dataclass
+class SwitchKeys:
+    """Keys of schedules that may start with a mini-batch phase."""
+
+    switch_epoch: float | None = None
+    """Switch point in epochs: mini-batch SGD before it, local steps after (the paper uses
+    the first LR decay)."""
+    switch_step: int | None = None
+    """Switch point in optimizer steps (alternative to switch_epoch)."""
+
+
+@dataclass(frozen=True)
+class Schedule(Part):
+    """Mini-batch SGD before ``switch_step``, then a sync of ``scope_after`` every period."""
+
+    scopes: ClassVar[tuple[str, ...]] = (GLOBAL,)
+    """Scopes this schedule may sync over (their process groups are built at start-up)."""
+    switch_step: int | None
+    """First step index that runs locally; None means never (mini-batch SGD)."""
+    period: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
+        raise NotImplementedError
+
+    @classmethod
+    def has_local_steps(cls, cfg: Any) -> bool:
+        return True
+
+    def phase(self, step: int) -> str:
+        if self.switch_step is None or step < self.switch_step:
+            return MINIBATCH
+        return LOCAL
+
+    def grad_sync(self, step: int) -> bool:
+        """Whether the gradients of step ``step`` are all-reduced."""
+        return self.phase(step) == MINIBATCH
+
+    def action_after(self, steps_done: int) -> str | None:
+        """The scope of the model average due once ``steps_done`` steps have completed."""
+        if self.switch_step is None or steps_done <= self.switch_step:
+            return None
+        return GLOBAL if (steps_done - self.switch_step) % self.period == 0 else None
+
+    def in_consensus(self, steps_done: int) -> bool:
+        """Whether all workers hold identical parameters after ``steps_done`` steps."""
+        if steps_done == 0 or self.phase(steps_done - 1) == MINIBATCH:
+            return True
+        return self.action_after(steps_done) == GLOBAL
+
+    def effective_period(self, step: int) -> int:
+        """Steps between global averages at ``step`` (1 while gradients are all-reduced)."""
+        return 1 if self.phase(step) == MINIBATCH else self.period
+
+
+def switch_step(cfg: Any, steps_per_epoch: int) -> int:
+    """The first local step index from ``sync.switch_step`` or ``sync.switch_epoch`` (else 0)."""
+    if cfg.switch_step is not None:
+        return int(cfg.switch_step)
+    if cfg.switch_epoch is not None:
+        return round(cfg.switch_epoch * steps_per_epoch)
+    return 0
+
+
+def check_period(cfg: Any, *keys: str) -> list[str]:
+    return [f"sync.{k}: must be >= 1, got {getattr(cfg, k)}" for k in keys if getattr(cfg, k) < 1]
+
+
+def check_switch(cfg: Any, facts: Facts, required: bool, algorithm: str) -> list[str]:
+    p: list[str] = []
+    if cfg.switch_epoch is not None and cfg.switch_step is not None:
+        p.append("sync.switch_step: give either sync.switch_epoch or sync.switch_step, not both")
+    elif required and cfg.switch_epoch is None and cfg.switch_step is None:
+        p.append(f"sync.switch_epoch: {algorithm} needs a switch point; set sync.switch_epoch "
+                 "(e.g. the first LR decay) or sync.switch_step")
+    if cfg.switch_epoch is not None and not 0 <= cfg.switch_epoch < facts.epochs:
+        p.append(f"sync.switch_epoch: must be in [0, train.epochs={facts.epochs}), got "
+                 f"{cfg.switch_epoch}; a switch after the last epoch never happens")
+    if cfg.switch_step is not None and cfg.switch_step < 0:
+        p.append(f"sync.switch_step: must be >= 0, got {cfg.switch_step}")
+    return p
+
+
+def keys_of(config: type) -> set[str]:
+    return {f.name for f in fields(config)}

@@ -1,0 +1,68 @@
+"""Hierarchical local SGD: average inside a node every H steps, across nodes every H * H_b.
+
+Nodes are runs of LOCAL_WORLD_SIZE consecutive ranks (torchrun --nproc-per-node). An
+optional switch point starts it after a mini-batch phase, as for post-local SGD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from localsgd.registry import Facts
+from localsgd.sync.parts import SCHEDULES
+from localsgd.sync.schedules.base import (
+    GLOBAL,
+    NODE,
+    Schedule,
+    check_period,
+    check_switch,
+    switch_step,
+)
+from localsgd.sync.schedules.post_local import PostLocalKeys
+
+
+@dataclass
+class HierarchicalKeys(PostLocalKeys):
+    block_period: int = 1
+    """H_b (hierarchical only): a global average every period * block_period steps."""
+
+
+@SCHEDULES.register
+@dataclass(frozen=True)
+class Hierarchical(Schedule):
+    name = "hierarchical"
+    Config = HierarchicalKeys
+    scopes = (NODE, GLOBAL)
+    block_period: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
+        return cls(switch_step=switch_step(cfg, steps_per_epoch), period=cfg.period,
+                   block_period=cfg.block_period)
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        p = check_period(cfg, "period", "block_period") + check_switch(cfg, facts, False,
+                                                                        cls.name)
+        world, local = facts.world_size, facts.local_world_size
+        if world is not None and local is not None:
+            if world % local != 0:
+                p.append(f"sync.algorithm: hierarchical needs every node to run the same "
+                         f"number of workers; world size {world} is not a multiple of "
+                         f"LOCAL_WORLD_SIZE {local} (torchrun --nproc-per-node)")
+            elif world // local < 2:
+                p.append("sync.algorithm: hierarchical needs at least 2 nodes (torchrun "
+                         "--nnodes>=2); on one node use sync.algorithm=local")
+        return p
+
+    def action_after(self, steps_done: int) -> str | None:
+        if self.switch_step is None or steps_done <= self.switch_step:
+            return None
+        k = steps_done - self.switch_step
+        if k % (self.period * self.block_period) == 0:
+            return GLOBAL
+        return NODE if k % self.period == 0 else None
+
+    def effective_period(self, step: int) -> int:
+        return 1 if self.phase(step) == "minibatch" else self.period * self.block_period

@@ -1,0 +1,31 @@
+"""Local SGD: no gradient communication; the models are averaged every ``period`` steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from localsgd.registry import Facts
+from localsgd.sync.parts import SCHEDULES
+from localsgd.sync.schedules.base import Schedule, check_period
+
+
+@dataclass
+class PeriodKeys:
+    period: int = 1
+    """H: local steps between two model averages (intra-node ones for hierarchical)."""
+
+
+@SCHEDULES.register
+@dataclass(frozen=True)
+class Local(Schedule):
+    name = "local"
+    Config = PeriodKeys
+
+    @classmethod
+    def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
+        return cls(switch_step=0, period=cfg.period)
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        return check_period(cfg, "period")

@@ -1,0 +1,37 @@
+"""Post-local SGD: mini-batch SGD until the switch point, then local SGD with period H."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from localsgd.registry import Facts
+from localsgd.sync.parts import SCHEDULES
+from localsgd.sync.schedules.base import (
+    Schedule,
+    SwitchKeys,
+    check_period,
+    check_switch,
+    switch_step,
+)
+from localsgd.sync.schedules.local import PeriodKeys
+
+
+@dataclass
+class PostLocalKeys(SwitchKeys, PeriodKeys):
+    pass
+
+
+@SCHEDULES.register
+@dataclass(frozen=True)
+class PostLocal(Schedule):
+    name = "post_local"
+    Config = PostLocalKeys
+
+    @classmethod
+    def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
+        return cls(switch_step=switch_step(cfg, steps_per_epoch), period=cfg.period)
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        return check_period(cfg, "period") + check_switch(cfg, facts, True, cls.name)

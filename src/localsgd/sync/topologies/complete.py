@@ -1,0 +1,36 @@
+"""Every worker of a scope exchanges with every other: all workers, or those of one node.
+
+Nodes are runs of LOCAL_WORLD_SIZE consecutive ranks. Process groups for node scopes are
+created once at start-up, by every rank in the same order, and only when the schedule can
+sync over a node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+from localsgd.launch.env import DistInfo, node_groups
+from localsgd.registry import Part
+from localsgd.sync.parts import TOPOLOGIES
+from localsgd.sync.schedules.base import GLOBAL, NODE
+
+
+@TOPOLOGIES.register
+class Complete(Part):
+    name = "complete"
+
+    def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
+        self.info = info
+        self.node_group: dist.ProcessGroup | None = None
+        if NODE in scopes:
+            self.node_group, _ = node_groups(info)
+
+    def group(self, scope: str) -> tuple[dist.ProcessGroup | None, int]:
+        """(process group, its size) for ``scope``; None is the default (world) group."""
+        if scope == NODE:
+            return self.node_group, self.info.local_world_size
+        if scope != GLOBAL:
+            raise ValueError(f"topology complete has no scope {scope!r}")
+        return None, self.info.world_size

@@ -1,0 +1,188 @@
+"""In-process workers for the fast tier: K threads, each with its own SyncController.
+
+Two test-only parts are registered the way any new part is (one class each, no other
+edits): a ``threads`` topology whose groups are shared Python objects, and a ``threads``
+reducer that sums through them in rank order. They stand in for gloo so the controller,
+schedules, averager, updates and runners can be run at K = 4 or 8 in milliseconds; the real
+``complete`` topology and ``mean`` reducer run under torchrun in tests/integration.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from localsgd.launch.env import DistInfo
+from localsgd.registry import Part
+from localsgd.sync.accounting import CommMeter
+from localsgd.sync.controller import SyncController, SyncObserver
+from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+from localsgd.sync.reducers.mean import Mean
+from localsgd.sync.schedules.base import NODE
+
+_rank = threading.local()
+
+
+class ThreadGroup:
+    """A group of threads that can sum a tensor (every member gets the same result)."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        self.ranks = ranks
+        self.barrier = threading.Barrier(len(ranks))
+        self.slots: dict[int, torch.Tensor] = {}
+        self.calls: Counter[int] = Counter()
+        """Collectives per rank."""
+
+    def all_reduce(self, flat: torch.Tensor) -> None:
+        me = _rank.value
+        self.slots[me] = flat.clone()
+        self.calls[me] += 1
+        self.barrier.wait()
+        total = self.slots[self.ranks[0]].clone()
+        for r in self.ranks[1:]:
+            total += self.slots[r]
+        self.barrier.wait()
+        flat.copy_(total)
+
+
+@dataclass
+class World:
+    size: int
+    local_size: int
+    everyone: ThreadGroup = field(init=False)
+    nodes: list[ThreadGroup] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.everyone = ThreadGroup(list(range(self.size)))
+        self.nodes = [ThreadGroup(list(range(n, n + self.local_size)))
+                      for n in range(0, self.size, self.local_size)]
+
+
+_world: World | None = None
+
+
+@TOPOLOGIES.register
+class Threads(Part):
+    name = "threads"
+
+    def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
+        assert _world is not None
+        self.world = _world
+        self.info = info
+
+    def group(self, scope: str) -> tuple[ThreadGroup, int]:
+        if scope == NODE:
+            g = self.world.nodes[self.info.rank // self.info.local_world_size]
+        else:
+            g = self.world.everyone
+        return g, len(g.ranks)
+
+
+@REDUCERS.register
+class ThreadSum(Mean):
+    name = "threads"
+
+    def start(self, flat: torch.Tensor, group: Any) -> Any:
+        group.all_reduce(flat)
+        return None
+
+
+class FakeTarget:
+    """A model without a model: parameters, buffers and momentum that drift per rank."""
+
+    def __init__(self, rank: int, shapes: list[tuple[int, ...]] | None = None) -> None:
+        shapes = shapes or [(40,), (7, 3), (5,)]
+        g = torch.Generator().manual_seed(0)  # identical start on every rank
+        self.rank = rank
+        self.params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        self.buffers = [torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long)]
+        self.momentum = [torch.zeros_like(p) for p in self.params]
+        self.refreshed = 0
+
+    def local_step(self, step: int) -> None:
+        """A rank-dependent step of heavy-ball SGD on a made-up gradient."""
+        for p, m in zip(self.params, self.momentum, strict=True):
+            grad = torch.sin(p * (self.rank + 1) + step)
+            m.mul_(0.9).add_(grad)
+            p.sub_(0.1 * m)
+        self.buffers[0].add_(self.rank + step)
+        self.buffers[1].add_(1)
+
+    def sync_params(self) -> list[torch.Tensor]:
+        return self.params
+
+    def sync_buffers(self) -> list[torch.Tensor]:
+        return self.buffers
+
+    def momentum_buffers(self) -> list[torch.Tensor]:
+        return self.momentum
+
+    def after_params_changed(self) -> None:
+        self.refreshed += 1
+
+    def flat(self) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in self.params])
+
+
+@dataclass
+class Worker:
+    rank: int
+    target: FakeTarget
+    controller: SyncController
+    meter: CommMeter
+    before: list[torch.Tensor] = field(default_factory=list)
+    """Flat parameters before each step's sync (after its local step)."""
+    after: list[torch.Tensor] = field(default_factory=list)
+    """Flat parameters after each step."""
+
+
+def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
+                observers: Callable[[int], list[SyncObserver]] | None = None,
+                finish: bool = False,
+                between: Callable[[Worker, int], None] | None = None) -> tuple[list[Worker],
+                                                                             World]:
+    """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``)."""
+    global _world
+    _world = World(world, local_world)
+    workers: list[Worker | None] = [None] * world
+    errors: list[BaseException] = []
+
+    def body(rank: int) -> None:
+        _rank.value = rank
+        try:
+            info = DistInfo(rank, world, rank % local_world, local_world,
+                            torch.device("cpu"), "threads")
+            meter = CommMeter()
+            ctl = SyncController.build(cfg, info, meter, steps_per_epoch=10,
+                                       observers=observers(rank) if observers else None)
+            w = Worker(rank, FakeTarget(rank), ctl, meter)
+            workers[rank] = w
+            for t in range(steps):
+                w.target.local_step(t)
+                w.before.append(w.target.flat().clone())
+                ctl.after_step(w.target)
+                w.after.append(w.target.flat().clone())
+                if between is not None:
+                    between(w, t)
+            if finish:
+                ctl.finish(w.target)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+            _world.everyone.barrier.abort()
+            for node in _world.nodes:
+                node.barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    assert all(w is not None for w in workers)
+    return [w for w in workers if w is not None], _world
