@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
 
 TINY_STEPS_PER_EPOCH = 512 // 2 // 16
 """recipes/tests/tiny_synthetic.yaml on 2 workers: 512 samples, batch 16."""
@@ -13,3 +18,13 @@ class NoTimer:
 
     def phase(self, name: str) -> nullcontext[None]:
         return nullcontext()
+
+
+def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's saved consensus model (``model.pt``)."""
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    """The run's ``summary.json``."""
+    return json.loads((run_dir / "summary.json").read_text())

@@ -54,6 +54,12 @@ VARIANTS = {v.name: v for v in (
     # PyTorch's own peer of local-H16: DDP + post_localSGD_hook (no gradient all-reduce) +
     # PostLocalSGDOptimizer(PeriodicModelAverager(16)), local from step 0; same recipe argv.
     Variant("torch-peer-h16", (), entry=HERE / "peer_worker.py"),
+    # Overlapped averaging: the average runs behind tau local steps (sync.overlap_steps).
+    Variant("local-H16-o2", ("sync.algorithm=local", "sync.period=16", "sync.overlap_steps=2")),
+    Variant("local-H16-o4", ("sync.algorithm=local", "sync.period=16", "sync.overlap_steps=4")),
+    Variant("local-H4-o1", ("sync.algorithm=local", "sync.period=4", "sync.overlap_steps=1")),
+    Variant("local-H4-o2", ("sync.algorithm=local", "sync.period=4", "sync.overlap_steps=2")),
+    Variant("torch-peer-h4", ("--peer-period=4",), entry=HERE / "peer_worker.py"),
 )}
 
 

@@ -26,9 +26,10 @@ from localsgd.config.schema import (
     WandbConfig,
 )
 from localsgd.config.validate import general_rules
-from localsgd.engines.registry import EngineConfig, check_engine
+from localsgd.engines import EngineConfig, check_engine
 from localsgd.registry import Facts
-from localsgd.sync.parts import SCHEDULES, SyncConfig, check_sync
+from localsgd.sync.config import SyncConfig, check_sync
+from localsgd.sync.parts import SCHEDULES
 
 
 @dataclass
@@ -74,9 +75,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """
     cfg, errors = merge_recipe(RecipeConfig, path, overrides)
     assert isinstance(cfg, RecipeConfig)
-    errors += general_rules(cfg) + non_finite(cfg)
+    infinite = non_finite(cfg)
     problems, notes = check_parts(cfg, facts(cfg))
-    errors += problems
+    # A key that is inf or nan gets that one message, not a range message besides.
+    flagged = {p.split(":")[0] for p in infinite}
+    errors += [p for p in general_rules(cfg) + problems if p.split(":")[0] not in flagged]
+    errors += infinite
     if errors:
         raise ConfigError(errors)
     for note in notes:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-import math
 import pkgutil
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Generic, TypeVar
@@ -90,10 +90,10 @@ class Registry(Generic[P]):
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
         pkg = importlib.import_module(self.package)
         for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
             importlib.import_module(f"{self.package}.{mod.name}")
+        self._loaded = True  # only once every file imported: a failure is raised again
 
     def names(self) -> list[str]:
         self._load()
@@ -119,10 +119,17 @@ class Registry(Generic[P]):
         return f"{self.key}: unknown value {name!r}; {hint}choose one of {', '.join(choices)}"
 
 
-def _field_key(f: dataclasses.Field[Any]) -> tuple[Any, Any]:
-    default = f.default if f.default is not MISSING else (
-        f.default_factory() if f.default_factory is not MISSING else MISSING)
-    return (str(f.type), default)
+def _keys(config: type) -> list[tuple[str, Any, dataclasses.Field[Any]]]:
+    """(name, resolved type, field) of a Config dataclass; string annotations (``from
+    __future__ import annotations``) are resolved in the module that declares them."""
+    hints = typing.get_type_hints(config)
+    return [(f.name, hints[f.name], f) for f in fields(config)]
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
 
 
 def compose(name: str, common: type, registries: Iterable[Registry[Any]]) -> type:
@@ -130,20 +137,20 @@ def compose(name: str, common: type, registries: Iterable[Registry[Any]]) -> typ
 
     Parts may share a key (the schedules all read ``period``) when they declare it alike.
     """
-    taken = {f.name: _field_key(f) for f in fields(common)}
+    taken = {n: (t, _default(f)) for n, t, f in _keys(common)}
     extra: list[tuple[str, Any, Any]] = []
     for registry in registries:
         for part in registry.parts():
-            for f in fields(part.Config):
-                if f.name in taken:
-                    if taken[f.name] != _field_key(f):
-                        raise TypeError(f"{registry.key}={part.name} declares "
-                                        f"'{f.name}' unlike another part")
+            for key, hint, f in _keys(part.Config):
+                if key in taken:
+                    if taken[key] != (hint, _default(f)):
+                        raise TypeError(f"{registry.key}={part.name} declares '{key}' as "
+                                        f"{hint} = {_default(f)!r}, unlike another part")
                     continue
-                taken[f.name] = _field_key(f)
+                taken[key] = (hint, _default(f))
                 kw = ({"default": f.default} if f.default is not MISSING
                       else {"default_factory": f.default_factory})
-                extra.append((f.name, f.type, field(**kw)))
+                extra.append((key, hint, field(**kw)))
     cls = dataclasses.make_dataclass(name, extra, bases=(common,))
     cls.__module__ = common.__module__
     return cls
@@ -157,26 +164,36 @@ class Section:
     common: type
     selectors: dict[str, Registry[Any]]
     """Common key -> the registry its value names a part of."""
+    resolve: Callable[[Any, str], str] | None = None
+    """(section, selector key) -> part name, for selectors with a derived value ("auto")."""
 
-    def active(self, cfg: Any) -> dict[str, Any] | None:
-        """Selector key -> chosen part class; None when a selector names no part."""
-        chosen = {k: r.find(getattr(cfg, k)) for k, r in self.selectors.items()}
-        return None if any(p is None for p in chosen.values()) else chosen
+    def name_of(self, cfg: Any, key: str) -> str:
+        return self.resolve(cfg, key) if self.resolve else str(getattr(cfg, key))
 
     def check(self, cfg: Any, facts: Facts) -> tuple[list[str], list[str]]:
         """(problems, warnings) of the section: unknown parts, the chosen parts' own checks,
         and one warning for every key set away from its default that no chosen part reads."""
-        problems = [r.unknown(getattr(cfg, k)) for k, r in self.selectors.items()
-                    if r.find(getattr(cfg, k)) is None]
-        chosen = self.active(cfg)
-        if chosen is None:
-            return problems, []
+        problems = [r.unknown(self.name_of(cfg, k)) for k, r in self.selectors.items()
+                    if r.find(self.name_of(cfg, k)) is None]
+        # Parts that were found still check their keys, so every problem shows at once.
+        found = {k: r.find(self.name_of(cfg, k)) for k, r in self.selectors.items()}
+        chosen = {k: p for k, p in found.items() if p is not None}
         used = {f.name for f in fields(self.common)}
         for part in chosen.values():
             used |= {f.name for f in fields(part.Config)}
             problems += part.check(cfg, facts)
         warnings: list[str] = []
-        defaults = {f.name: _field_key(f)[1] for f in fields(cfg)}
+        defaults = {f.name: _default(f) for f in fields(cfg)}
+        if len(chosen) < len(found):
+            # Whatever the misspelled part was meant to be: report the problems that any
+            # part of its kind finds in keys the recipe sets, then stop.
+            given = {f"{self.prefix}.{n}" for n, d in defaults.items() if getattr(cfg, n) != d}
+            for k, part in found.items():
+                if part is None:
+                    for candidate in self.selectors[k].parts():
+                        problems += [m for m in candidate.check(cfg, facts)
+                                     if m.split(":")[0] in given and m not in problems]
+            return problems, warnings
         for f in fields(cfg):
             if f.name in used or getattr(cfg, f.name) == defaults[f.name]:
                 continue
@@ -185,7 +202,7 @@ class Section:
                 for p in r.parts():
                     if f.name in {g.name for g in fields(p.Config)}:
                         readers.setdefault(k, []).append(p.name)
-            now = ", ".join(f"{self.prefix}.{k}={getattr(cfg, k)}" for k in readers)
+            now = ", ".join(f"{self.prefix}.{k}={self.name_of(cfg, k)}" for k in readers)
             used_by = "; ".join(f"{self.prefix}.{k}=" + "|".join(names)
                                 for k, names in readers.items())
             warnings.append(f"{self.prefix}.{f.name}: has no effect with {now} and is ignored "
@@ -201,7 +218,3 @@ def need(problems: list[str]) -> Callable[[bool, str], None]:
             problems.append(msg)
 
     return check
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)

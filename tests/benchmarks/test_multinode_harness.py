@@ -10,8 +10,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import REPO
 
-HERE = Path(__file__).resolve().parents[2] / "benchmarks" / "multinode"
+HERE = REPO / "benchmarks" / "multinode"
 
 
 def _load(name: str) -> ModuleType:

@@ -111,7 +111,8 @@ def test_overrides_compose_with_a_paper_recipe(algorithm: str, ignored: set[str]
     (b"name: a\x00b\n", "is not valid YAML"),
     (b"train:\n  epochs: 3\n  epochs: 4\n", "key 'epochs' appears twice"),
     (b"name: a\nname: b\n", "key 'name' appears twice"),
-], ids=["binary", "latin-1", "nul-byte", "duplicate-nested", "duplicate-top"])
+    (b"? [a, b]\n: 1\n", "a key must be a plain value"),
+], ids=["binary", "latin-1", "nul-byte", "duplicate-nested", "duplicate-top", "list-key"])
 def test_unreadable_recipe_files_are_one_line_naming_the_file(
         tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "bad.yaml"
@@ -119,6 +120,28 @@ def test_unreadable_recipe_files_are_one_line_naming_the_file(
     found = problems(path=path)
     assert len(found) == 1 and expected in found[0] and str(path) in found[0], found
     assert "\n" not in found[0]
+
+
+def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
+    # A mapping may override what it merges in (<<); only its own keys may not repeat.
+    (tmp_path / "merge.yaml").write_text("train:\n  <<: {epochs: 3, max_steps: 5}\n"
+                                         "  epochs: 4\n")
+    cfg = load_config(tmp_path / "merge.yaml")
+    assert (cfg.train.epochs, cfg.train.max_steps) == (4, 5)
+
+
+def test_a_non_finite_value_is_one_message() -> None:
+    assert problems("optim.base_lr=nan") == ["optim.base_lr: must be a finite number, got nan"]
+
+
+def test_importing_a_part_first_keeps_every_key() -> None:
+    code = ("import localsgd.sync.schedules.hierarchical, localsgd.engines.deepspeed\n"
+            "from localsgd.recipe import load_config\n"
+            "cfg = load_config(None, ['sync.algorithm=hierarchical', 'sync.block_period=2'])\n"
+            "print(cfg.sync.block_period, cfg.engine.deepspeed_config)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["2", "None"], proc.stderr
 
 
 def test_cli_check_rejects_an_infinite_learning_rate() -> None:

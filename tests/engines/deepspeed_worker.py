@@ -28,8 +28,8 @@ from localsgd.launch.env import init_distributed
 from localsgd.models import build_model
 from localsgd.registry import Facts
 from localsgd.sync.accounting import CommMeter
+from localsgd.sync.config import SyncConfig
 from localsgd.sync.controller import SyncController
-from localsgd.sync.parts import SyncConfig
 from localsgd.train.optim import build_optimizer
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import REPO, synthetic_args, torchrun
-from helpers import TINY_STEPS_PER_EPOCH
+from helpers import TINY_STEPS_PER_EPOCH, final_model, summary
 
 from localsgd.report.files import read_metrics
+from localsgd.sync.config import SyncConfig
 from localsgd.sync.controller import SyncController
-from localsgd.sync.parts import SyncConfig
 
 pytest.importorskip("deepspeed")
 
@@ -37,11 +37,7 @@ def deepspeed(config: str | Path) -> list[str]:
 
 def train(run_dir: Path, *overrides: str) -> dict[str, Any]:
     torchrun(synthetic_args(run_dir, *QUIET, *overrides), timeout=240)
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
+    return summary(run_dir)
 
 
 def expected_averages(sync: SyncConfig, steps: int, steps_per_epoch: int) -> int:
@@ -70,8 +66,8 @@ def ddp_local(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_minibatch_equals_ddp(tmp_path: Path, ddp_minibatch: Path) -> None:
     ds = train(tmp_path / "ds", *MINIBATCH, *deepspeed(FP32))
-    ref = json.loads((ddp_minibatch / "summary.json").read_text())
-    a, b = model(ddp_minibatch), model(tmp_path / "ds")
+    ref = summary(ddp_minibatch)
+    a, b = final_model(ddp_minibatch), final_model(tmp_path / "ds")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
     assert ds["step"] == ref["step"] == 8
     # DeepSpeed's own all-reduce, counted: the same gradient bytes as DDP's bucketed hook.
@@ -87,34 +83,50 @@ def test_zero1_minibatch_matches_ddp(tmp_path: Path, ddp_minibatch: Path) -> Non
     config = tmp_path / "zero1.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     ds = train(tmp_path / "ds", *MINIBATCH, *deepspeed(config))
-    a, b = model(ddp_minibatch), model(tmp_path / "ds")
+    a, b = final_model(ddp_minibatch), final_model(tmp_path / "ds")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # ZeRO's gradient reduction and parameter all-gather are all counted as gradient traffic.
-    ref = json.loads((ddp_minibatch / "summary.json").read_text())
+    ref = summary(ddp_minibatch)
     assert ds["comm/grad/calls"] > ref["comm/grad/calls"] and ds["comm/average/calls"] == 0
 
 
 def test_local_sgd_accounting_equals_ddp(tmp_path: Path, ddp_local: Path) -> None:
     ds = train(tmp_path / "ds", *LOCAL, *deepspeed(FP32))
-    ref = json.loads((ddp_local / "summary.json").read_text())
+    ref = summary(ddp_local)
     sync = SyncConfig(algorithm="local", period=4)
     assert comm(ds, "grad") == comm(ref, "grad") == (0, 0)
     assert ds["comm/average/calls"] == expected_averages(sync, 8, TINY_STEPS_PER_EPOCH) == 2
     assert comm(ds, "average") == comm(ref, "average")
-    a, b = model(ddp_local), model(tmp_path / "ds")
+    a, b = final_model(ddp_local), final_model(tmp_path / "ds")
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
 def test_bf16_local_sgd_averages_fp32_masters(tmp_path: Path, ddp_local: Path) -> None:
     ds = train(tmp_path / "ds", *LOCAL, *deepspeed(BF16))
-    ref = json.loads((ddp_local / "summary.json").read_text())
+    ref = summary(ddp_local)
     assert comm(ds, "grad") == (0, 0)
     # The masters are fp32, so averaging moves exactly what the fp32 DDP run moves.
     assert comm(ds, "average") == comm(ref, "average")
-    a, b = model(ddp_local), model(tmp_path / "ds")
+    a, b = final_model(ddp_local), final_model(tmp_path / "ds")
     assert all(b[k].dtype == torch.bfloat16 for k in b)
     assert all(torch.allclose(a[k], b[k].float(), atol=2e-2) for k in a)
     assert ds["eval/acc"] is not None
+
+
+def test_overlapped_averaging_on_bf16_masters(tmp_path: Path, ddp_local: Path) -> None:
+    """tau=2 behind local steps on DeepSpeed: the fp32 masters travel, the counts match the
+    blocking run plus the final exact average (models differ when training ends)."""
+    ds = train(tmp_path / "ds", *LOCAL, "sync.overlap_steps=2", *deepspeed(BF16))
+    ref = summary(ddp_local)
+    assert comm(ds, "grad") == (0, 0)
+    per_average = ref["comm/average/bytes"] // ref["comm/average/calls"]
+    assert ds["comm/average/calls"] == ref["comm/average/calls"] + 1
+    assert ds["comm/average/bytes"] == ref["comm/average/bytes"] + per_average
+    assert 0 <= ds["comm/average/wait_s"] <= ds["comm/average/seconds"]
+    syncs = [(r["step"], r["sync/action"]) for r in read_metrics(tmp_path / "ds")
+             if r["event"] == "sync"]
+    assert syncs == [(4, "global"), (8, "global"), (8, "final")]
+    assert all(torch.isfinite(t.float()).all() for t in final_model(tmp_path / "ds").values())
 
 
 def test_mixed_precision_worker(tmp_path: Path) -> None:
@@ -136,7 +148,7 @@ def test_post_local_grad_accum_counts_optimizer_steps(tmp_path: Path) -> None:
     # Two mini-batch steps of two micro-batches each: one all-reduce per optimizer step.
     assert comm(ds, "grad") == comm(ref, "grad") and ds["comm/grad/calls"] == 2
     assert comm(ds, "average") == comm(ref, "average")
-    a, b = model(tmp_path / "ddp"), model(tmp_path / "ds")
+    a, b = final_model(tmp_path / "ddp"), final_model(tmp_path / "ds")
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 

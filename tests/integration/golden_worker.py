@@ -48,7 +48,7 @@ def summarise(run: Path, summary: dict) -> dict:
     syncs = [[r["step"], r["sync/action"], r["sync/consensus_distance"]] for r in records
              if r.get("event") == "sync"]
     comm = {k: v for k, v in summary.items()
-            if k.startswith("comm/") and not k.endswith("seconds")}
+            if k.startswith("comm/") and not k.endswith(("seconds", "wait_s"))}
     return {"tensors": sums, "syncs": syncs, "comm": comm, "eval/loss": summary["eval/loss"]}
 
 

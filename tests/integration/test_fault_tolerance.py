@@ -3,7 +3,6 @@ non-finite losses: real torchrun agents, real signals, real checkpoint files."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, free_port, synthetic_args, torchrun, worker_env
+from helpers import final_model, summary
 
 FAULT = REPO / "tests" / "integration" / "fault_entry.py"
 # post-local: mini-batch for 20 steps, then H=5; a checkpoint every 6 steps; 16 steps/epoch.
@@ -23,10 +23,6 @@ def elastic(port: int) -> list[str]:
     """An elastic launch as documented: 1 to 2 nodes, c10d rendezvous, restarts allowed."""
     return ["--nnodes=1:2", "--max-restarts=2", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=last_call_timeout=1"]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +41,10 @@ def test_sigkilled_worker_restarts_and_resumes_bitwise(
                     extra_launch=elastic(free_port()))
     resumed = 6 * (kill_step // 6)
     assert f"resumed from step {resumed}" in proc.stdout, proc.stdout[-2000:]
-    a, b = weights(uninterrupted), weights(run)
+    a, b = final_model(uninterrupted), final_model(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    clean = json.loads((uninterrupted / "summary.json").read_text())
-    after = json.loads((run / "summary.json").read_text())
+    clean = summary(uninterrupted)
+    after = summary(run)
     for key in ("comm/grad/calls", "comm/average/calls", "comm/average/bytes", "step"):
         assert clean[key] == after[key], key
 
@@ -65,12 +61,12 @@ def test_world_size_change_resumes_from_the_average(tmp_path: Path) -> None:
     # exactly the model the new worker resumed from.
     proc = torchrun(synthetic_args(run, *common, "train.max_steps=32"), nproc=1)
     assert "resumed from step 32 (epoch 1, written by 2 workers, now 1)" in proc.stdout
-    resumed = weights(run)
+    resumed = final_model(run)
     for k in resumed:
         assert torch.allclose(resumed[k], (old[0][k] + old[1][k]) / 2, atol=1e-7), k
     proc = torchrun(synthetic_args(run, *common), nproc=1)  # and training goes on
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 1 and summary["step"] == 64
+    result = summary(run)
+    assert result["world_size"] == 1 and result["step"] == 64
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
@@ -116,5 +112,5 @@ def test_stopped_peer_fails_within_timeout_then_restart_resumes(
     assert time.monotonic() - start < 200
     assert "a collective did not complete within dist.timeout_s=8s" in proc.stderr
     assert "resumed from step 12" in proc.stdout
-    a, b = weights(uninterrupted), weights(run)
+    a, b = final_model(uninterrupted), final_model(run)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, free_port, synthetic_args, torchrun
-from helpers import TINY_STEPS_PER_EPOCH
+from helpers import TINY_STEPS_PER_EPOCH, final_model, summary
 
 from localsgd.recipe import load_config
 from localsgd.report.files import read_metrics
@@ -37,14 +37,6 @@ def hashes(probe: dict) -> dict[int, str]:
     return {s["step"]: s["sha"] for s in probe["steps"]}
 
 
-def model(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def test_local_sgd_h1_equals_minibatch_sgd(tmp_path: Path) -> None:
     # float64: over 24 steps float32 rounding can flip a ReLU/max-pool decision and the two
     # exact-arithmetic-equal runs visibly part; the check is about the algorithm, not rounding.
@@ -52,14 +44,14 @@ def test_local_sgd_h1_equals_minibatch_sgd(tmp_path: Path) -> None:
     torchrun(synthetic_args(tmp_path / "mb", *common))
     torchrun(synthetic_args(tmp_path / "local", "sync.algorithm=local", "sync.period=1",
                             *common))
-    a, b = model(tmp_path / "mb"), model(tmp_path / "local")
+    a, b = final_model(tmp_path / "mb"), final_model(tmp_path / "local")
     init = torch.load(tmp_path / "mb" / "model.pt", weights_only=True)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-9, atol=1e-11), key
     # Not vacuous: local SGD without any averaging drifts measurably from mini-batch SGD.
     torchrun(synthetic_args(tmp_path / "noavg", "sync.algorithm=local", "sync.period=1000",
                             *common))
-    c = model(tmp_path / "noavg")
+    c = final_model(tmp_path / "noavg")
     assert any(not torch.allclose(init[k], c[k], rtol=1e-5, atol=1e-6) for k in init)
 
 
@@ -83,7 +75,7 @@ def test_collectives_match_schedule(tmp_path: Path, overrides: list[str]) -> Non
     ranks = probe_run(tmp_path, *args)
     cfg = load_config(REPO / "recipes/tests/tiny_synthetic.yaml", args)
     schedule = SyncController.schedule_for(cfg.sync, TINY_STEPS_PER_EPOCH)
-    param_bytes = sum(t.numel() * 4 for t in model(tmp_path).values())
+    param_bytes = sum(t.numel() * 4 for t in final_model(tmp_path).values())
     bucket_elems = int(0.01 * 2**20) // 4
     buckets = math.ceil(param_bytes / 4 / bucket_elems)
     grad_steps = [s for s in range(20) if schedule.grad_sync(s)]
@@ -130,7 +122,7 @@ def test_evaluating_averaged_model_leaves_workers_untouched(tmp_path: Path) -> N
         flat = torch.cat([params[k].reshape(-1).float() for k in params])
         assert hashlib.sha256(flat.numpy().tobytes()).hexdigest() == h[16]
     # The saved final model is the consensus: the average of the two workers' weights.
-    final = model(tmp_path)
+    final = final_model(tmp_path)
     w0 = torch.load(ckpt / "rank0.pt", weights_only=True)["engine"]["model"]
     w1 = torch.load(ckpt / "rank1.pt", weights_only=True)["engine"]["model"]
     for key in final:

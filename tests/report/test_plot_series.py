@@ -70,3 +70,16 @@ def test_default_output_is_first_run_dir(tmp_path: Path) -> None:
     # No sync records: no consensus plot for mini-batch SGD.
     assert sorted(p.name for p in run.glob("*.png")) == [
         "acc_vs_bytes.png", "acc_vs_epoch.png", "acc_vs_time.png", "loss_vs_epoch.png"]
+
+
+def test_a_sync_and_the_final_average_at_one_step_are_both_drawn(tmp_path: Path) -> None:
+    # An overlapped run lands the step-8 average at the end, then takes the final average.
+    records = [{"event": "sync", "step": 4, "sync/action": "global",
+                "sync/consensus_distance": 0.5},
+               {"event": "sync", "step": 8, "sync/action": "global",
+                "sync/consensus_distance": 0.4},
+               {"event": "sync", "step": 8, "sync/action": "final",
+                "sync/consensus_distance": 0.1}, _epoch(1, 0.2)]
+    run = _run(tmp_path / "o", records)
+    assert collect_series([run])["consensus_vs_step"]["o (local)"] == (
+        [4.0, 8.0, 8.0], [0.5, 0.4, 0.1])

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import synthetic_args, torchrun, worker_env
+from helpers import summary
 
 from localsgd.report.files import read_metrics
 from localsgd.report.plots import PLOTS, collect_series, draw, plot_runs
@@ -130,14 +131,14 @@ def test_metric_axes_declared(wandb_log: list[dict[str, Any]]) -> None:
 
 
 def test_summary_has_final_values(runs: dict[str, Any], wandb_log: list[dict[str, Any]]) -> None:
-    summary: dict[str, Any] = {}
+    logged: dict[str, Any] = {}
     for r in wandb_log:
         if r["type"] == "summary":
-            summary.update(r["summary"]["update"])
-    local = json.loads((runs["local"] / "summary.json").read_text())
+            logged.update(r["summary"]["update"])
+    local = summary(runs["local"])
     for key in ("eval/acc", "eval/best_acc", "comm/bytes", "time/wall_s", "time/to_target_s"):
         assert local[key] is not None, key
-        assert _same(local[key], summary[key]), key
+        assert _same(local[key], logged[key]), key
 
 
 def test_no_secret_in_any_file(runs: dict[str, Any]) -> None:
@@ -157,7 +158,7 @@ def test_failed_wandb_init_warns_once_and_training_finishes(runs: dict[str, Any]
     assert "local records" in proc.stderr
     records = read_metrics(runs["minibatch"])
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
-    assert json.loads((runs["minibatch"] / "summary.json").read_text())["eval/acc"] is not None
+    assert summary(runs["minibatch"])["eval/acc"] is not None
     assert not list(runs["minibatch"].glob("wandb/*/run-*.wandb"))
 
 

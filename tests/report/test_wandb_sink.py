@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import wandb
+from conftest import REPO
 
 from localsgd.config.schema import WandbMode
 from localsgd.launch.env import DistInfo
@@ -29,7 +30,7 @@ from localsgd.report.wandb_sink import (
     to_row,
 )
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tests" / "tiny_synthetic.yaml"
+RECIPE = REPO / "recipes" / "tests" / "tiny_synthetic.yaml"
 
 
 def _cfg(*overrides: str) -> RecipeConfig:

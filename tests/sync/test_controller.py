@@ -15,8 +15,9 @@ import torch
 from threads import FakeTarget, Worker, run_workers
 
 from localsgd.registry import Part
+from localsgd.sync.config import SyncConfig
 from localsgd.sync.controller import SyncController, SyncObserver
-from localsgd.sync.parts import UPDATES, SyncConfig
+from localsgd.sync.parts import UPDATES
 from localsgd.sync.schedules.base import GLOBAL, NODE
 from localsgd.sync.updates.copy import Copy
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from localsgd.sync.config import SyncConfig
 from localsgd.sync.controller import SyncController
-from localsgd.sync.parts import SyncConfig
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, NODE, Schedule
 
 

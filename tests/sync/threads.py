@@ -125,6 +125,12 @@ class FakeTarget:
     def after_params_changed(self) -> None:
         self.refreshed += 1
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.params, *self.buffers, *self.momentum]
+
+    def whole(self) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).double() for t in self.tensors()])
+
     def flat(self) -> torch.Tensor:
         return torch.cat([p.reshape(-1) for p in self.params])
 
@@ -139,14 +145,22 @@ class Worker:
     """Flat parameters before each step's sync (after its local step)."""
     after: list[torch.Tensor] = field(default_factory=list)
     """Flat parameters after each step."""
+    whole_before: list[torch.Tensor] = field(default_factory=list)
+    """Every tensor (parameters, buffers, momentum) before each step's sync, as float64."""
+    whole_after: list[torch.Tensor] = field(default_factory=list)
 
 
 def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                 observers: Callable[[int], list[SyncObserver]] | None = None,
                 finish: bool = False,
-                between: Callable[[Worker, int], None] | None = None) -> tuple[list[Worker],
-                                                                             World]:
-    """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``)."""
+                between: Callable[[Worker, int], None] | None = None,
+                resume: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
+                ) -> tuple[list[Worker], World]:
+    """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``).
+
+    ``resume`` gives each rank a controller state and the target's tensors (parameters,
+    buffers, momentum) to continue from, as a checkpoint would.
+    """
     global _world
     _world = World(world, local_world)
     workers: list[Worker | None] = [None] * world
@@ -162,11 +176,18 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                                        observers=observers(rank) if observers else None)
             w = Worker(rank, FakeTarget(rank), ctl, meter)
             workers[rank] = w
-            for t in range(steps):
+            if resume is not None:
+                state, tensors = resume[rank]
+                ctl.load_state_dict(state)
+                for mine, saved in zip(w.target.tensors(), tensors, strict=True):
+                    mine.copy_(saved)
+            for t in range(ctl.step, steps):
                 w.target.local_step(t)
                 w.before.append(w.target.flat().clone())
+                w.whole_before.append(w.target.whole())
                 ctl.after_step(w.target)
                 w.after.append(w.target.flat().clone())
+                w.whole_after.append(w.target.whole())
                 if between is not None:
                     between(w, t)
             if finish:

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from localsgd.registry import Part
+
 
 class PhaseTimer(Protocol):
     def phase(self, name: str) -> Any: ...
@@ -38,6 +40,17 @@ class Engine(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class EnginePart(Part):
+    """Base of the registered engines."""
+
+    @classmethod
+    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The element-wise mean of the old workers' models and optimizer states, for a run
+        resumed with another world size (an engine whose state cannot be merged refuses it
+        in ``load_state_dict``)."""
+        return average_states(states)
+
+
 def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """SGD's momentum buffers, in parameter order (absent before the first step)."""
     out: list[torch.Tensor] = []
@@ -47,3 +60,17 @@ def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
             if buf is not None:
                 out.append(buf)
     return out
+
+
+def average_states(states: list[Any]) -> Any:
+    """Element-wise mean of floating tensors at matching places in nested checkpoint states;
+    everything else is taken from the first (rank 0's) state."""
+    first = states[0]
+    if isinstance(first, dict):
+        return {k: average_states([s[k] for s in states]) for k in first}
+    if isinstance(first, list | tuple) and all(len(s) == len(first) for s in states):
+        merged = [average_states([s[i] for s in states]) for i in range(len(first))]
+        return type(first)(merged) if isinstance(first, tuple) else merged
+    if isinstance(first, torch.Tensor) and first.is_floating_point():
+        return torch.stack([s.to(torch.float64) for s in states]).mean(0).to(first.dtype)
+    return first

@@ -15,9 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd.engines.base import momentum_tensors
+from localsgd.engines.base import EnginePart, momentum_tensors
 from localsgd.engines.registry import ENGINES, EngineContext
-from localsgd.registry import Part
 from localsgd.sync.accounting import CommMeter
 
 
@@ -51,7 +50,7 @@ def broadcast_state(module: nn.Module, meter: CommMeter) -> None:
 
 
 @ENGINES.register
-class DDPEngine(Part):
+class DDPEngine(EnginePart):
     name = "ddp"
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from localsgd.config.errors import ConfigError
-from localsgd.engines.base import momentum_tensors
+from localsgd.engines.base import EnginePart, momentum_tensors
 from localsgd.engines.deepspeed_config import (
     KEY,
     DeepSpeedKeys,
@@ -58,7 +58,7 @@ from localsgd.engines.deepspeed_config import (
     zero_stage,
 )
 from localsgd.engines.registry import ENGINES, EngineContext
-from localsgd.registry import Facts, Part
+from localsgd.registry import Facts
 from localsgd.sync.accounting import CommMeter
 
 INSTALL_HINT = "install it with pip install -e '.[deepspeed]'"
@@ -174,7 +174,7 @@ def _fp32_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
 
 
 @ENGINES.register
-class DeepSpeedEngine(Part):
+class DeepSpeedEngine(EnginePart):
     name = "deepspeed"
     Config = DeepSpeedKeys
 

@@ -56,13 +56,18 @@ def enabled(section: Any) -> bool:
 
 
 def load_json(path: str) -> dict[str, Any]:
-    """The JSON object in ``path`` (a fresh copy; the file is read once per process);
-    ConfigError when it is missing or not an object."""
-    return copy.deepcopy(_read_json(path))
+    """The JSON object in ``path`` (a fresh copy; an unchanged file is read once per
+    process); ConfigError when it is missing or not an object."""
+    try:
+        st = Path(path).stat()
+        version = (st.st_mtime_ns, st.st_size)
+    except OSError:
+        version = (0, -1)  # let the read report what is wrong
+    return copy.deepcopy(_read_json(path, version))
 
 
 @functools.lru_cache(maxsize=16)
-def _read_json(path: str) -> dict[str, Any]:
+def _read_json(path: str, version: tuple[int, int]) -> dict[str, Any]:
     p = Path(path)
     try:
         raw = json.loads(p.read_text())
@@ -188,8 +193,9 @@ def check_deepspeed_config(path: str | None, facts: Facts) -> list[str]:
 
 def resolve_deepspeed_config(path: str | None, facts: Facts) -> dict[str, Any]:
     """The dict to hand to ``deepspeed.initialize``, or ConfigError listing every problem."""
-    problems = check_deepspeed_config(path, facts)
+    if path is None:
+        raise ConfigError(check_deepspeed_config(path, facts))
+    resolved, problems = _reconcile(load_json(path), path, facts)
     if problems:
         raise ConfigError(problems)
-    assert path is not None
-    return _reconcile(load_json(path), path, facts)[0]
+    return resolved

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from localsgd.launch.env import DistInfo
-from localsgd.registry import Facts, Registry, Section, compose
+from localsgd.registry import Facts, Registry, Section
 from localsgd.sync.accounting import CommMeter
 
 ENGINES: Registry[type] = Registry("engine.name", "localsgd.engines")
@@ -39,9 +39,6 @@ class EngineContext:
 
 
 SECTION = Section("engine", EngineCommon, {"name": ENGINES})
-# Last: composing imports every engine module, and those import the names above.
-EngineConfig = compose("EngineConfig", EngineCommon, [ENGINES])
-"""The ``engine`` section: ``name`` plus every registered engine's keys."""
 
 
 def check_engine(cfg: Any, facts: Facts) -> tuple[list[str], list[str]]:

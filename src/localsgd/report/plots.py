@@ -54,7 +54,9 @@ PLOTS: tuple[PlotSpec, ...] = (
 
 # The record that identifies a point: a resumed run appends re-done epochs and syncs to
 # metrics.jsonl, and the later record of the same epoch/step replaces the earlier one.
-_IDENTITY = {"epoch": "epoch", "sync": "step"}
+# A sync is its step and action: an overlapped run can land a sync and take the final
+# average at the same step.
+_IDENTITY = {"epoch": ("epoch",), "sync": ("step", "sync/action")}
 
 
 class PlotError(ValueError):
@@ -72,11 +74,13 @@ def run_algorithm(run_dir: Path) -> str:
 
 def _series(records: list[dict[str, Any]], spec: PlotSpec) -> Series:
     ident = _IDENTITY[spec.event]
-    points: dict[float, tuple[float, float]] = {}
+    points: dict[tuple[Any, ...], tuple[float, float]] = {}
     for r in records:
         if r.get("event") == spec.event and spec.x in r and spec.y in r:
-            points[r.get(ident, r[spec.x])] = (float(r[spec.x]), float(r[spec.y]))
-    ordered = [points[k] for k in sorted(points)]
+            key = tuple(r.get(k, r[spec.x]) for k in ident)
+            points[key] = (float(r[spec.x]), float(r[spec.y]))
+    # By step (or epoch); a tie keeps the order the records were written in.
+    ordered = [p for _, p in sorted(points.items(), key=lambda kv: kv[0][0])]
     return [p[0] for p in ordered], [p[1] for p in ordered]
 
 

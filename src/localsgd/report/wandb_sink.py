@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from localsgd.recipe import RecipeConfig
-
 if TYPE_CHECKING:  # keeps `localsgd report` from importing torch
     from localsgd.launch.env import DistInfo
+    from localsgd.recipe import RecipeConfig
 
 
 class WandbSinkWarning(RuntimeWarning):

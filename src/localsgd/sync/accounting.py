@@ -24,6 +24,10 @@ class KindTotals:
     bytes: int = 0
     calls: int = 0
     seconds: float = 0.0
+    """From the start of each collective until its result was taken."""
+    wait_s: float = 0.0
+    """Of that, the time training stood still waiting for it (all of it when blocking; only
+    the tail when the collective ran behind local steps)."""
 
 
 @dataclass
@@ -31,17 +35,21 @@ class CommMeter:
     totals: dict[str, KindTotals] = field(
         default_factory=lambda: {k: KindTotals() for k in KINDS})
 
-    def record(self, kind: str, nbytes: int, seconds: float = 0.0, calls: int = 1) -> None:
+    def record(self, kind: str, nbytes: int, seconds: float = 0.0, calls: int = 1,
+               wait_s: float = 0.0) -> None:
         t = self.totals.setdefault(kind, KindTotals())
         t.bytes += nbytes
         t.calls += calls
         t.seconds += seconds
+        t.wait_s += wait_s
 
     @contextmanager
     def timed(self, kind: str, nbytes: int) -> Iterator[None]:
+        """Count a blocking collective: all of its time is waiting time."""
         start = time.perf_counter()
         yield
-        self.record(kind, nbytes, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.record(kind, nbytes, elapsed, wait_s=elapsed)
 
     def flat(self, prefix: str = "comm") -> dict[str, float]:
         """Totals as metric keys: comm/bytes, comm/calls, comm/seconds and comm/<kind>/..."""
@@ -54,15 +62,17 @@ class CommMeter:
             out[f"{prefix}/{kind}/bytes"] = t.bytes
             out[f"{prefix}/{kind}/calls"] = t.calls
             out[f"{prefix}/{kind}/seconds"] = t.seconds
+            out[f"{prefix}/{kind}/wait_s"] = t.wait_s
         return out
 
     def state_dict(self) -> dict[str, dict[str, float]]:
-        return {k: {"bytes": t.bytes, "calls": t.calls, "seconds": t.seconds}
-                for k, t in self.totals.items()}
+        return {k: {"bytes": t.bytes, "calls": t.calls, "seconds": t.seconds,
+                    "wait_s": t.wait_s} for k, t in self.totals.items()}
 
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
         for kind, t in state.items():
-            self.totals[kind] = KindTotals(int(t["bytes"]), int(t["calls"]), float(t["seconds"]))
+            self.totals[kind] = KindTotals(int(t["bytes"]), int(t["calls"]), float(t["seconds"]),
+                                           float(t.get("wait_s", 0.0)))
 
     def summary_line(self) -> str:
         parts = [f"{k} {t.bytes / 2**20:.1f} MiB/{t.calls} calls/{t.seconds:.2f}s"

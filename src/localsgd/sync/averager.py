@@ -4,11 +4,21 @@ bucketing (``Bucketer``) -> the collective (the reducer) -> byte and time counti
 meter) -> the consensus distance -> applying the result (the update). Only parameters are
 measured and given the recipe's update; buffers and momentum that travel with them are
 copied.
+
+``average`` does all of it at once through one bucket of memory. ``start`` / ``complete`` /
+``apply`` split it for syncs that run behind local steps: ``start`` snapshots the tensors
+and launches the same collectives (same buckets, so the same calls and bytes), ``complete``
+waits for them, and ``apply`` adds the sync's effect on the snapshot to the tensors as they
+are by then: theta <- theta + (update(snapshot, reduced) - snapshot), which keeps the local
+progress made meanwhile. That costs two copies of what travels (the snapshot and the buffer
+being reduced).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +26,35 @@ import torch.distributed as dist
 
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.buckets import Bucketer
-from localsgd.sync.updates.copy import COPY
+
+
+@dataclass
+class InFlight:
+    """A sync started by ``Averager.start``: per dtype/device, the snapshot and the buffer
+    being reduced, and the collectives still running."""
+
+    kind: str
+    size: int
+    sizes: list[int]
+    """numel of every tensor handed to ``start``, in order."""
+    snapshots: list[torch.Tensor]
+    reduced: list[torch.Tensor]
+    members: list[list[int]]
+    """For each snapshot: the indices of the tensors concatenated into it, in order."""
+    started: float = field(default_factory=time.perf_counter)
+    works: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+    done: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.size, "sizes": self.sizes,
+                "snapshots": self.snapshots, "reduced": self.reduced,
+                "members": self.members}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> InFlight:
+        return cls(state["kind"], int(state["size"]), list(state["sizes"]),
+                   list(state["snapshots"]), list(state["reduced"]),
+                   [list(m) for m in state["members"]], done=True)
 
 
 class Averager:
@@ -26,10 +64,11 @@ class Averager:
         self.reducer = reducer
 
     def average(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None,
-                size: int, kind: str = "average", params: int = 0, update: Any = COPY,
+                size: int, kind: str = "average", params: int = 0, update: Any = None,
                 out: list[torch.Tensor] | None = None) -> float:
         """Reduce ``tensors`` over ``group`` (``size`` workers); results go in place or into
-        ``out`` (one to one). The first ``params`` tensors get ``update``, the rest a copy.
+        ``out`` (one to one). The first ``params`` tensors get ``update`` (None: a copy of the
+        average), the rest a copy.
 
         Returns this worker's Euclidean distance from the average over those ``params``.
         """
@@ -38,17 +77,83 @@ class Averager:
             raise ValueError("out must match tensors one to one")
         dst = [t.detach().view(-1) for t in targets]
         sq = 0.0
+        kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
             with self.meter.timed(kind, self.reducer.payload_bytes(bucket.flat)):
                 work = self.reducer.start(bucket.flat, group)
-                self.reducer.finish(work, bucket.flat, size)
+                result = self.reducer.finish(work, bucket.flat, size)
             for s in bucket.slices:
-                target = dst[s.index][s.start:s.start + s.local.numel()]
+                n = s.local.numel()
+                reduced = result[s.pos:s.pos + n]
+                target = dst[s.index][s.start:s.start + n]
                 if s.index < params:
-                    sq += squared_distance(s.local, s.packed)
-                    update.apply(s.index, s.start, s.local, s.packed, target)
+                    sq += squared_distance(s.local, reduced)
+                if s.index < params and update is not None:
+                    update.apply(s.index, s.start, s.local, reduced, target)
                 else:
-                    COPY.apply(s.index, s.start, s.local, s.packed, target)
+                    target.copy_(reduced)
+        return math.sqrt(sq)
+
+    def start(self, tensors: list[torch.Tensor], group: Any, size: int,
+               kind: str = "average") -> InFlight:
+        """Snapshot ``tensors`` and launch their reduction over ``group``; returns at once."""
+        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.is_floating_point():
+                by_kind.setdefault((t.dtype, t.device), []).append(i)
+        flight = InFlight(self.reducer.kind(kind), size, [t.numel() for t in tensors], [], [],
+                          [])
+        for (dtype, _device), idx in by_kind.items():
+            snap = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+            buf = snap.clone()
+            capacity = self.bucketer.capacity(dtype)
+            flight.snapshots.append(snap)
+            flight.reduced.append(buf)
+            flight.members.append(idx)
+            for chunk in buf.split(capacity):
+                self.meter.record(flight.kind, self.reducer.payload_bytes(chunk))
+                flight.works.append((self.reducer.start(chunk, group), chunk))
+        return flight
+
+
+    def complete(self, flight: InFlight) -> None:
+        """Wait for the collectives of ``flight``; the reduced values are then in place."""
+        if flight.done:
+            return
+        waited = time.perf_counter()
+        for work, chunk in flight.works:
+            result = self.reducer.finish(work, chunk, flight.size)
+            if result is not chunk:
+                chunk.copy_(result)
+        now = time.perf_counter()
+        self.meter.record(flight.kind, 0, now - flight.started, calls=0, wait_s=now - waited)
+        flight.works = []
+        flight.done = True
+
+
+    def apply(self, flight: InFlight, tensors: list[torch.Tensor], params: int = 0,
+               update: Any = None) -> float:
+        """Complete ``flight`` and add its effect to ``tensors`` (the ones given to ``start``);
+        returns the consensus distance of the snapshot."""
+        if [t.numel() for t in tensors] != flight.sizes:
+            raise ValueError("tensors do not match the ones the sync was started with")
+        self.complete(flight)
+        sq = 0.0
+        for snap, red, idx in zip(flight.snapshots, flight.reduced, flight.members, strict=True):
+            pos = 0
+            for i in idx:
+                n = flight.sizes[i]
+                local, mean = snap[pos:pos + n], red[pos:pos + n]
+                live = tensors[i].detach().view(-1)
+                if i < params:
+                    sq += squared_distance(local, mean)
+                if i < params and update is not None:
+                    synced = torch.empty_like(local)
+                    update.apply(i, 0, local, mean, synced)
+                    live.add_(synced.sub_(local))
+                else:
+                    live.add_(mean - local)
+                pos += n
         return math.sqrt(sq)
 
 

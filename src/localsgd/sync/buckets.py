@@ -40,6 +40,8 @@ class Slice:
     """Position of the tensor in the list handed to ``Bucketer.fill``."""
     start: int
     """First element of the slice within that tensor."""
+    pos: int
+    """First element of the slice within the bucket."""
     local: torch.Tensor
     """The tensor's own elements (a view: writing to it writes the tensor)."""
     packed: torch.Tensor
@@ -57,12 +59,14 @@ class Bucketer:
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
         self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
-    def _buffer(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def capacity(self, dtype: torch.dtype) -> int:
+        """Elements of ``dtype`` in one bucket."""
+        return max(1, self.bucket_bytes // torch.empty((), dtype=dtype).element_size())
+
+    def buffer(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (dtype, device)
         if key not in self.buffers:
-            elem = torch.empty((), dtype=dtype).element_size()
-            self.buffers[key] = torch.empty(max(1, self.bucket_bytes // elem), dtype=dtype,
-                                            device=device)
+            self.buffers[key] = torch.empty(self.capacity(dtype), dtype=dtype, device=device)
         return self.buffers[key]
 
     def fill(self, tensors: list[torch.Tensor]) -> Iterator[Bucket]:
@@ -76,7 +80,7 @@ class Bucketer:
             if t.is_floating_point():
                 by_kind.setdefault((t.dtype, t.device), []).append(i)
         for (dtype, device), idx in by_kind.items():
-            buf = self._buffer(dtype, device)
+            buf = self.buffer(dtype, device)
             flat = [tensors[i].detach().reshape(-1) for i in idx]
             for segs in segments([t.numel() for t in flat], buf.numel()):
                 n = sum(end - start for _, start, end in segs)
@@ -86,6 +90,6 @@ class Bucketer:
                 for j, start, end in segs:
                     packed = view[pos:pos + end - start]
                     packed.copy_(flat[j][start:end])
-                    slices.append(Slice(idx[j], start, flat[j][start:end], packed))
+                    slices.append(Slice(idx[j], start, pos, flat[j][start:end], packed))
                     pos += end - start
                 yield Bucket(view, slices)

@@ -17,9 +17,9 @@ from torch import nn
 
 from localsgd.launch.env import DistInfo
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.averager import Averager
+from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.buckets import Bucketer
-from localsgd.sync.parts import PART_KINDS, MomentumPolicy
+from localsgd.sync.parts import PART_KINDS, SECTION, MomentumPolicy
 from localsgd.sync.schedules.base import GLOBAL, Schedule
 
 
@@ -64,6 +64,47 @@ class SyncEvent:
     """This worker's ||theta_i - theta_avg|| just before the average."""
 
 
+class SyncJob:
+    """One sync of ``target`` over ``action``'s scope, as the runner carries it out: all at
+    once (``run``), or launched now (``start``) and applied later (``apply``)."""
+
+    def __init__(self, ctl: SyncController, target: SyncTarget, action: str,
+                 final: bool = False) -> None:
+        self.ctl, self.target, self.action, self.final = ctl, target, action, final
+
+    def tensors(self) -> tuple[list[torch.Tensor], int]:
+        """What travels, parameters first, and how many of them are parameters."""
+        params = self.target.sync_params()
+        tensors = list(params)
+        if self.ctl.cfg.average_buffers or self.final:
+            tensors += self.target.sync_buffers()
+        if self.ctl.cfg.momentum == MomentumPolicy.average:
+            tensors += self.target.momentum_buffers()
+        return tensors, len(params)
+
+    def _applied(self) -> None:
+        if self.ctl.cfg.momentum == MomentumPolicy.reset:
+            for m in self.target.momentum_buffers():
+                m.zero_()
+        self.target.after_params_changed()
+
+    def run(self) -> float:
+        tensors, params = self.tensors()
+        distance = self.ctl.averager.average(tensors, *self.ctl.topology.group(self.action),
+                                             params=params, update=self.ctl.update)
+        self._applied()
+        return distance
+
+    def start(self) -> InFlight:
+        return self.ctl.averager.start(self.tensors()[0], *self.ctl.topology.group(self.action))
+
+    def apply(self, flight: InFlight) -> float:
+        tensors, params = self.tensors()
+        distance = self.ctl.averager.apply(flight, tensors, params, self.ctl.update)
+        self._applied()
+        return distance
+
+
 class SyncController:
     def __init__(self, cfg: Any, schedule: Schedule, info: DistInfo, meter: CommMeter,
                  observers: list[SyncObserver] | None = None) -> None:
@@ -75,15 +116,16 @@ class SyncController:
         self.step = 0
         """Optimizer steps completed: the only counter; saved in checkpoints."""
         self.events: list[SyncEvent] = []
-        chosen = {kind: reg.get(getattr(cfg, key)) for kind, (key, reg) in PART_KINDS.items()}
+        chosen = {kind: reg.get(SECTION.name_of(cfg, key))
+                  for kind, (key, reg) in PART_KINDS.items()}
         self.topology = chosen["topology"](cfg, info, schedule.scopes)
         self.reducer = chosen["reducer"](cfg)
         self.update = chosen["update"](cfg)
-        self.runner = chosen["runner"](cfg)
+        self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer)
+        self.runner = chosen["runner"](cfg, self.averager)
         self.parts: dict[str, Any] = {"schedule": schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
                                       "runner": self.runner}
-        self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer)
 
     @staticmethod
     def schedule_for(cfg: Any, steps_per_epoch: int) -> Schedule:
@@ -99,39 +141,30 @@ class SyncController:
     def grad_sync(self) -> bool:
         return self.schedule.grad_sync(self.step)
 
-    def _sync(self, target: SyncTarget, action: str, final: bool = False) -> float | None:
-        params = target.sync_params()
-        tensors = list(params)
-        if self.cfg.average_buffers or final:
-            tensors += target.sync_buffers()
-        if self.cfg.momentum == MomentumPolicy.average:
-            tensors += target.momentum_buffers()
-        group, size = self.topology.group(action)
+    def in_consensus(self) -> bool:
+        """Whether all workers hold identical parameters now."""
+        return self.runner.in_consensus(self.schedule, self.step)
 
-        def average() -> float:
-            distance = self.averager.average(tensors, group, size, params=len(params),
-                                             update=self.update)
-            if self.cfg.momentum == MomentumPolicy.reset:
-                for m in target.momentum_buffers():
-                    m.zero_()
-            target.after_params_changed()
-            return distance
-
-        for o in self.observers:
-            o.before_sync(self.step, action, target)
-        distance = average() if final else self.runner.run(average)
-        if distance is not None:
-            self.events.append(SyncEvent(self.step, "final" if final else action, distance))
+    def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
+        for step, action, distance in done:
+            self.events.append(SyncEvent(step, action, distance))
             for o in self.observers:
-                o.after_sync(self.step, action, distance, target)
-        return distance
+                o.after_sync(step, action, distance, target)
+
+    def _jobs(self, target: SyncTarget) -> Any:
+        return lambda action: SyncJob(self, target, action)
 
     def after_step(self, target: SyncTarget) -> str | None:
-        """Count the optimizer step just taken and sync if the schedule says so."""
+        """Count the optimizer step just taken, apply syncs that are due, start a new one if
+        the schedule says so."""
         self.step += 1
+        self._record(self.runner.poll(self.step, self._jobs(target)), target)
         action = self.schedule.action_after(self.step)
         if action is not None and self.info.world_size > 1:
-            self._sync(target, action)
+            for o in self.observers:
+                o.before_sync(self.step, action, target)
+            self._record(self.runner.submit(self.step, action, SyncJob(self, target, action)),
+                         target)
         for o in self.observers:
             o.after_step(self.step, action, target)
         return action
@@ -140,12 +173,15 @@ class SyncController:
         """Final global average, buffers included, so the saved model is the consensus."""
         if self.info.world_size == 1:
             return
-        self.runner.drain()
-        if self.schedule.in_consensus(self.step):
+        self._record(self.runner.drain(self._jobs(target)), target)
+        if self.in_consensus():
             # Parameters already agree; BatchNorm statistics never do under mini-batch SGD.
             self.averager.average(target.sync_buffers(), *self.topology.group(GLOBAL))
             return
-        self._sync(target, GLOBAL, final=True)
+        for o in self.observers:
+            o.before_sync(self.step, GLOBAL, target)
+        distance = SyncJob(self, target, GLOBAL, final=True).run()
+        self._record([(self.step, "final", distance)], target)
 
     def averaged_copy(self, target: SyncTarget, out: nn.Module) -> None:
         """Write the average of all workers' models into ``out``; the workers are untouched."""
@@ -154,7 +190,7 @@ class SyncController:
         src_buffers = target.sync_buffers()
         dst_buffers = list(out.buffers())
         with torch.no_grad():
-            if self.schedule.in_consensus(self.step):
+            if self.in_consensus():
                 for s, d in zip(src_params, dst_params, strict=True):
                     d.copy_(s)
                 src, dst = src_buffers, dst_buffers

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
-from localsgd.registry import Facts, Registry, Section, compose
+from localsgd.registry import Registry, Section
 
 
 class MomentumPolicy(str, Enum):
@@ -47,8 +48,10 @@ class SyncCommon:
     """What travels: mean (the exact mean, one all-reduce per bucket)."""
     update: str = "copy"
     """How the result is applied: copy (every worker takes the average)."""
-    runner: str = "blocking"
-    """When the result is applied: blocking (right away; training waits for it)."""
+    runner: str = "auto"
+    """When the result is applied: blocking (right away; training waits for it) or overlapped
+    (``overlap_steps`` local steps later, the average running behind them); auto picks
+    overlapped when ``overlap_steps`` > 0."""
     average_buffers: bool = True
     """Average BatchNorm running statistics (buffers) together with parameters at each sync."""
     momentum: MomentumPolicy = MomentumPolicy.local
@@ -65,14 +68,12 @@ PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOP
          "runner": ("runner", RUNNERS)}
 """Part kind -> (the sync key choosing it, its registry)."""
 
-SECTION = Section("sync", SyncCommon, {key: reg for key, reg in PART_KINDS.values()})
-SyncConfig = compose("SyncConfig", SyncCommon, SECTION.selectors.values())
-"""The ``sync`` section: the common keys above plus every registered part's keys."""
+def _resolve(cfg: Any, key: str) -> str:
+    value = getattr(cfg, key)
+    if key == "runner" and value == "auto":
+        return "overlapped" if getattr(cfg, "overlap_steps", 0) > 0 else "blocking"
+    return str(value)
 
 
-def check_sync(cfg: SyncConfig, facts: Facts) -> tuple[list[str], list[str]]:  # type: ignore[valid-type]
-    """(problems, warnings) of the ``sync`` section."""
-    problems, warnings = SECTION.check(cfg, facts)
-    if cfg.bucket_mb <= 0:  # inf and nan are reported for every float key alike
-        problems.append(f"sync.bucket_mb: must be > 0, got {cfg.bucket_mb}")
-    return problems, warnings
+SECTION = Section("sync", SyncCommon, {key: reg for key, reg in PART_KINDS.values()},
+                  resolve=_resolve)

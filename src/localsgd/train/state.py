@@ -1,4 +1,4 @@
-"""Trainer progress that checkpoints carry, and merging checkpoints of another world size."""
+"""Trainer progress that checkpoints carry, and the random number generators' state."""
 
 from __future__ import annotations
 
@@ -49,17 +49,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def average_states(states: list[Any]) -> Any:
-    """Element-wise mean of floating tensors at matching places in nested checkpoint states;
-    everything else is taken from the first (rank 0's) state."""
-    first = states[0]
-    if isinstance(first, dict):
-        return {k: average_states([s[k] for s in states]) for k in first}
-    if isinstance(first, list | tuple) and all(len(s) == len(first) for s in states):
-        merged = [average_states([s[i] for s in states]) for i in range(len(first))]
-        return type(first)(merged) if isinstance(first, tuple) else merged
-    if isinstance(first, torch.Tensor) and first.is_floating_point():
-        return torch.stack([s.to(torch.float64) for s in states]).mean(0).to(first.dtype)
-    return first

@@ -29,7 +29,7 @@ from localsgd.sync.parts import EvalModel
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
-from localsgd.train.state import TrainState, average_states, rng_state, set_rng_state
+from localsgd.train.state import TrainState, rng_state, set_rng_state
 from localsgd.train.timing import PhaseTimer
 
 
@@ -155,7 +155,8 @@ class Trainer:
             # momentum) at the beginning of the checkpoint's epoch, re-partitioned over the new
             # workers; the per-worker batch stays, so the LR follows the new global batch.
             state = states[0]
-            self.engine.load_state_dict(average_states([s["engine"] for s in states]))
+            self.engine.load_state_dict(type(self.engine).merge_states(
+                [s["engine"] for s in states]))
             self.state.load_state_dict(state["trainer"])
             self.state.epoch_step = 0
             self.state.stats.zero_()

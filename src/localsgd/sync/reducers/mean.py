@@ -23,16 +23,26 @@ class Mean(Part):
     def __init__(self, cfg: Any) -> None:
         pass
 
+    def kind(self, requested: str) -> str:
+        """The accounting kind this reducer's traffic is recorded as, when the caller asks
+        for ``requested`` (``average``, ``eval``): a compressed reducer may keep its own."""
+        return requested
+
     def payload_bytes(self, flat: torch.Tensor) -> int:
         """Bytes this rank hands to the collective for ``flat``."""
         return flat.numel() * flat.element_size()
 
     def start(self, flat: torch.Tensor, group: dist.ProcessGroup | None) -> Any:
-        """Begin reducing ``flat`` in place over ``group``; returns what ``finish`` needs."""
-        return dist.all_reduce(flat, group=group)
+        """Begin reducing ``flat`` in place over ``group``; returns what ``finish`` needs.
+
+        The collective runs in the background (gloo's worker threads; NCCL's own stream on
+        CUDA): a blocking sync finishes it at once, an overlapped one steps after.
+        """
+        return dist.all_reduce(flat, group=group, async_op=True)
 
     def finish(self, work: Any, flat: torch.Tensor, size: int) -> torch.Tensor:
-        """Wait for ``work`` and leave the mean in ``flat``."""
+        """Wait for ``work``; the mean, here in place in ``flat`` (a reducer may instead
+        return another tensor of the same length)."""
         if work is not None:
             work.wait()
         return flat.div_(size)

@@ -7,19 +7,29 @@ from typing import Any
 
 from localsgd.registry import Part
 from localsgd.sync.parts import RUNNERS
+from localsgd.sync.schedules.base import Schedule
 
 
 @RUNNERS.register
 class Blocking(Part):
     name = "blocking"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, averager: Any) -> None:
         pass
 
-    def run(self, average: Callable[[], float]) -> float | None:
-        """Carry out ``average`` (one whole sync); its consensus distance, None if pending."""
-        return average()
+    def submit(self, step: int, action: str, job: Any) -> list[tuple[int, str, float]]:
+        """Start the sync ``job`` due after ``step``; returns the syncs that finished, as
+        (step started, action, consensus distance)."""
+        return [(step, action, job.run())]
 
-    def drain(self) -> list[float]:
-        """Finish every pending sync (before a checkpoint, an evaluation or the end)."""
+    def poll(self, step: int, job_for: Callable[[str], Any]) -> list[tuple[int, str, float]]:
+        """Finish the syncs due by ``step`` (``job_for(action)`` applies one)."""
         return []
+
+    def drain(self, job_for: Callable[[str], Any]) -> list[tuple[int, str, float]]:
+        """Finish every sync still in flight (before the final average)."""
+        return []
+
+    def in_consensus(self, schedule: Schedule, step: int) -> bool:
+        """Whether all workers hold identical parameters after ``step`` steps."""
+        return schedule.in_consensus(step)

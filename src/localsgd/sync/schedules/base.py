@@ -9,7 +9,7 @@ scope into a process group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from localsgd.registry import Facts, Part
@@ -102,6 +102,3 @@ def check_switch(cfg: Any, facts: Facts, required: bool, algorithm: str) -> list
         p.append(f"sync.switch_step: must be >= 0, got {cfg.switch_step}")
     return p
 
-
-def keys_of(config: type) -> set[str]:
-    return {f.name for f in fields(config)}

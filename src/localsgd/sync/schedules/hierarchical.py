@@ -13,6 +13,7 @@ from localsgd.registry import Facts
 from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import (
     GLOBAL,
+    MINIBATCH,
     NODE,
     Schedule,
     check_period,
@@ -65,4 +66,4 @@ class Hierarchical(Schedule):
         return NODE if k % self.period == 0 else None
 
     def effective_period(self, step: int) -> int:
-        return 1 if self.phase(step) == "minibatch" else self.period * self.block_period
+        return 1 if self.phase(step) == MINIBATCH else self.period * self.block_period

@@ -26,6 +26,3 @@ class Copy(Part):
         """
         out.copy_(reduced)
 
-
-COPY = Copy(None)
-"""The update for everything that is not a parameter (buffers, momentum, evaluation)."""

@@ -1,0 +1,152 @@
+"""Overlapped vs blocking averaging over slow links, median of interleaved repeats (root only).
+
+    sudo python benchmarks/multinode/bench_overlap.py [--rates 20mbit,100mbit --repeats 3]
+
+2 emulated nodes x 1 worker (``netem.py``), ResNet-20, batch 64 per worker, synthetic 32x32
+data. For each rate it runs the no-communication bound (``no-comm``: one average in 100000
+steps, so none in the timed window), local SGD with H=16 and H=4 blocking and overlapped
+(``sync.overlap_steps`` tau), and PyTorch's ``PostLocalSGDOptimizer`` peer at the same H.
+Repeats are interleaved (every variant once per round, rates inside rounds), and each ratio
+is the median over rounds of that round's steps/s ratio. Writes
+``results/overlap-<stamp>.json``, a Markdown table and a plot of steps/s against link rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_links  # noqa: E402 - a sibling script
+import netem  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+GROUPS = {16: ["local-H16", "local-H16-o2", "local-H16-o4", "torch-peer-h16"],
+          4: ["local-H4", "local-H4-o1", "local-H4-o2", "torch-peer-h4"]}
+BOUND = "no-comm"
+
+
+def ratios(rows: list[dict[str, Any]], rate: str, a: str, b: str) -> list[float]:
+    """Per round: steps/s of ``a`` over ``b`` at ``rate``."""
+    out = []
+    for rnd in sorted({r["round"] for r in rows}):
+        got = {r["variant"]: r.get("steps_per_s") for r in rows
+               if r["round"] == rnd and r["rate"] == rate}
+        if got.get(a) and got.get(b):
+            out.append(got[a] / got[b])
+    return out
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def table(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
+    lines = ["| rate | variant | steps/s (median) | / bound | / blocking | / torch peer | "
+             "average wait s / transfer s |", "|---" * 7 + "|"]
+    for rate in rates:
+        for h, names in GROUPS.items():
+            for name in [BOUND, *names] if h == 16 else names:
+                mine = [r for r in rows if r["rate"] == rate and r["variant"] == name
+                        and "steps_per_s" in r]
+                if not mine:
+                    continue
+                sps = statistics.median(r["steps_per_s"] for r in mine)
+                wait = statistics.median(r["comm"].get("comm/average/wait_s", 0) for r in mine)
+                total = statistics.median(r["comm"].get("comm/average/seconds", 0)
+                                          for r in mine)
+
+                def fmt(x: float | None) -> str:
+                    return "-" if x is None else f"{x:.2f}"
+
+                lines.append(
+                    f"| {rate} | {name} | {sps:.2f} | "
+                    f"{fmt(median(ratios(rows, rate, name, BOUND)))} | "
+                    f"{fmt(median(ratios(rows, rate, name, f'local-H{h}')))} | "
+                    f"{fmt(median(ratios(rows, rate, name, f'torch-peer-h{h}')))} | "
+                    f"{wait:.2f} / {total:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], rates: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mbit(rate: str) -> float:
+        return float(rate.replace("gbit", "000").replace("mbit", ""))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = sorted(rates, key=mbit)
+    for name in [BOUND, *GROUPS[16], *GROUPS[4]]:
+        ys = []
+        for rate in xs:
+            vals = [r["steps_per_s"] for r in rows if r["rate"] == rate
+                    and r["variant"] == name and "steps_per_s" in r]
+            ys.append(statistics.median(vals) if vals else float("nan"))
+        style = "k--" if name == BOUND else ("-o" if "-o" in name else
+                                             (":s" if "peer" in name else "-^"))
+        ax.plot([mbit(r) for r in xs], ys, style, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("link rate per node (Mbit/s)")
+    ax.set_ylabel("optimizer steps/s (median)")
+    ax.set_title("ResNet-20, 2 nodes x 1 CPU worker, batch 64")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="20mbit,100mbit")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=48, help="a multiple of 16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--groups", default="16,4", help="which periods to run")
+    ap.add_argument("--out", type=Path, default=HERE / "results")
+    args = ap.parse_args(argv)
+    rates = [r for r in args.rates.split(",") if r]
+    periods = [int(h) for h in args.groups.split(",")]
+    names = [BOUND, *(n for h in periods for n in GROUPS[h])]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work = Path("/tmp") / f"lsgd-overlap-{stamp}"
+    rows: list[dict[str, Any]] = []
+    topo = netem.Topology(2, rates[0])
+    try:
+        with netem.Session(topo):
+            for rnd in range(args.repeats):
+                for rate in rates:
+                    netem.set_rate(topo, rate)
+                    for name in names:
+                        row = bench_links.measure(bench_links.VARIANTS[name], rate, 2,
+                                                  args.steps, args.batch,
+                                                  work / f"round{rnd}")
+                        row["round"] = rnd
+                        rows.append(row)
+                        print(f"round {rnd} {rate:>8} {name:<15} ok={row['ok']} steps/s="
+                              f"{row.get('steps_per_s', float('nan')):.3f}", flush=True)
+    except netem.NotRootError as exc:
+        print(f"bench_overlap: error: {exc}", file=sys.stderr)
+        return 1
+    text = table(rows, rates)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"cpus": netem.os.cpu_count(), "shaper": topo.shaper, "steps": args.steps,
+            "batch": args.batch, "nodes": 2, "repeats": args.repeats, "model": "resnet20"}
+    (args.out / f"overlap-{stamp}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "table": text}, indent=1))
+    plot(rows, rates, args.out / f"overlap-{stamp}.png")
+    print(f"wrote {args.out}/overlap-{stamp}.json and .png")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

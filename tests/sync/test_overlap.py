@@ -1,0 +1,152 @@
+"""Overlapped averaging (sync.overlap_steps = tau), in process on thread workers.
+
+The rule: the average starts at a sync step s from a snapshot, and after step s + tau each
+worker's tensors become theta + (mean of the snapshots - own snapshot). Each expectation is
+computed from the workers' own recorded tensors, independently of the averager.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from threads import Worker, run_workers
+
+from localsgd.config import ConfigError
+from localsgd.recipe import load_config
+from localsgd.sync.config import SyncConfig
+from localsgd.sync.runners.overlapped import Overlapped
+
+
+def sync(**kw: object) -> SyncConfig:
+    return SyncConfig(topology="threads", reducer="threads", **kw)  # type: ignore[arg-type]
+
+
+def snapshot(w: Worker, t: int) -> np.ndarray:
+    """What worker ``w`` sent at step index ``t``: its tensors after that step, a correction
+    landing at the same step (tau = period) included; a start changes nothing itself."""
+    return w.after[t].numpy()
+
+
+def snapshot_mean(workers: list[Worker], t: int) -> np.ndarray:
+    return np.mean([snapshot(w, t) for w in workers], axis=0)
+
+
+@pytest.mark.parametrize(("period", "tau"), [(4, 1), (4, 2), (4, 4), (3, 3)])
+def test_correction_lands_tau_steps_later_and_keeps_local_progress(period: int,
+                                                                   tau: int) -> None:
+    cfg = sync(algorithm="local", period=period, overlap_steps=tau)
+    steps = 3 * period + tau
+    workers, _ = run_workers(cfg, steps=steps)
+    assert isinstance(workers[0].controller.runner, Overlapped)
+    starts = [s for s in range(1, steps + 1) if s % period == 0]
+    dues = {s + tau: s for s in starts}
+    for t in range(steps):
+        step = t + 1
+        for w in workers:
+            if step in dues:
+                s = dues[step] - 1
+                expected = w.before[t].numpy() + snapshot_mean(workers, s) - snapshot(w, s)
+                np.testing.assert_allclose(w.after[t].numpy(), expected, rtol=1e-12,
+                                           atol=1e-13)
+            else:
+                assert torch.equal(w.after[t], w.before[t]), step
+    # The workers never agree exactly (each keeps its own progress since the snapshot) ...
+    assert not torch.equal(workers[0].after[-1], workers[1].after[-1])
+    # ... and each event carries the start step and the snapshot's consensus distance.
+    events = workers[0].controller.pop_events()
+    assert [e.step for e in events] == [s for s in starts if s + tau <= steps]
+    for e in events:
+        s = e.step - 1
+        mean = snapshot_mean(workers, s)
+        own = snapshot(workers[0], s)
+        assert e.distance == pytest.approx(float(np.linalg.norm(own - mean)), rel=1e-10)
+
+
+def test_counts_match_blocking_and_waiting_is_its_own_metric() -> None:
+    blocking, _ = run_workers(sync(algorithm="local", period=4), steps=12)
+    overlapped, world = run_workers(sync(algorithm="local", period=4, overlap_steps=2),
+                                    steps=14)
+    for b, o in zip(blocking, overlapped, strict=True):
+        tb, to = b.meter.totals["average"], o.meter.totals["average"]
+        assert (to.calls, to.bytes) == (tb.calls, tb.bytes) == (3, 3 * (66 + 3) * 8)
+        assert 0 <= to.wait_s <= to.seconds
+        assert tb.wait_s == tb.seconds > 0
+        assert "comm/average/wait_s" in o.meter.flat()
+
+
+def test_finish_lands_the_last_correction_then_takes_the_exact_consensus() -> None:
+    cfg = sync(algorithm="local", period=4, overlap_steps=3)
+    workers, _ = run_workers(cfg, steps=9, finish=True)  # started at 8, due at 11
+    flat = [w.target.flat() for w in workers]
+    assert all(torch.equal(f, flat[0]) for f in flat)
+    assert [(e.step, e.action) for e in workers[0].controller.pop_events()] == [
+        (4, "global"), (8, "global"), (9, "final")]
+
+
+@pytest.mark.parametrize("policy", ["local", "average", "reset"])
+def test_buffers_and_momentum_follow_the_rule_of_their_policy(policy: str) -> None:
+    cfg = sync(algorithm="local", period=4, overlap_steps=2, momentum=policy)
+    workers, _ = run_workers(cfg, steps=6)
+    n_params, n_buffers = 66, 3 + 1
+    momentum = slice(n_params + n_buffers, None)
+    started = np.mean([w.whole_after[3].numpy() for w in workers], axis=0)
+    for w in workers:
+        before, after = w.whole_before[5].numpy(), w.whole_after[5].numpy()
+        corrected = before + started - w.whole_after[3].numpy()
+        # Parameters and the float buffer are corrected; the integer counter is untouched.
+        np.testing.assert_allclose(after[:n_params + 3], corrected[:n_params + 3],
+                                   rtol=1e-12, atol=1e-13)
+        assert after[n_params + 3] == before[n_params + 3] == 6
+        if policy == "average":
+            np.testing.assert_allclose(after[momentum], corrected[momentum], rtol=1e-12,
+                                       atol=1e-13)
+        elif policy == "reset":
+            assert not after[momentum].any() and before[momentum].any()
+        else:
+            assert np.array_equal(after[momentum], before[momentum])
+
+
+def test_checkpoint_with_an_average_in_flight_resumes_bitwise() -> None:
+    cfg = sync(algorithm="local", period=4, overlap_steps=3)
+    saved: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+
+    def checkpoint(w: Worker, t: int) -> None:
+        if t == 5:  # step 6: started at 4, due at 7
+            state = w.controller.state_dict()
+            assert len(state["parts"]["runner"]["pending"]) == 1
+            saved[w.rank] = (state, [x.clone() for x in w.target.tensors()])
+
+    full, _ = run_workers(cfg, steps=13, between=checkpoint)
+    resumed, _ = run_workers(cfg, steps=13, resume=saved)
+    for a, b in zip(full, resumed, strict=True):
+        assert len(b.after) == 7
+        assert all(torch.equal(x, y) for x, y in zip(a.after[6:], b.after, strict=True))
+        assert [(e.step, e.distance) for e in a.controller.events] == [
+            (e.step, e.distance) for e in b.controller.events]
+        assert [e.step for e in b.controller.events] == [4, 8]  # 12 lands at 15
+    merged = Overlapped.merge_states([saved[0][0]["parts"]["runner"]])
+    assert merged == {"pending": []}
+
+
+@pytest.mark.parametrize(("overrides", "text"), [
+    (["sync.algorithm=local", "sync.period=4", "sync.overlap_steps=5"],
+     "sync.overlap_steps: 5 exceeds sync.period=4"),
+    (["sync.algorithm=local", "sync.runner=overlapped"],
+     "sync.overlap_steps: must be >= 1 with sync.runner=overlapped"),
+    (["sync.algorithm=local", "sync.runner=overlaped"],
+     "sync.runner: unknown value 'overlaped'; did you mean 'overlapped'"),
+])
+def test_bad_overlap_settings_are_one_line_each(overrides: list[str], text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert [p for p in err.value.problems if p.startswith(text)], err.value.problems
+
+
+def test_overlap_steps_picks_the_runner_and_blocking_ignores_it() -> None:
+    assert load_config(None, ["sync.algorithm=local", "sync.period=4",
+                              "sync.overlap_steps=2"]).sync.overlap_steps == 2
+    with pytest.warns(UserWarning, match="sync.overlap_steps: has no effect with "
+                                         "sync.runner=blocking"):
+        load_config(None, ["sync.algorithm=local", "sync.runner=blocking",
+                           "sync.overlap_steps=2"])
