@@ -94,9 +94,12 @@ def test_buffers_and_momentum_follow_the_rule_of_their_policy(policy: str) -> No
     for w in workers:
         before, after = w.whole_before[5].numpy(), w.whole_after[5].numpy()
         corrected = before + started - w.whole_after[3].numpy()
-        # Parameters and the float buffer are corrected; the integer counter is untouched.
-        np.testing.assert_allclose(after[:n_params + 3], corrected[:n_params + 3],
-                                   rtol=1e-12, atol=1e-13)
+        # Parameters are corrected, the float buffer takes the snapshots' average and the
+        # integer counter is untouched.
+        np.testing.assert_allclose(after[:n_params], corrected[:n_params], rtol=1e-12,
+                                   atol=1e-13)
+        np.testing.assert_allclose(after[n_params:n_params + 3],
+                                   started[n_params:n_params + 3], rtol=1e-12, atol=1e-13)
         assert after[n_params + 3] == before[n_params + 3] == 6
         if policy == "average":
             np.testing.assert_allclose(after[momentum], corrected[momentum], rtol=1e-12,
@@ -134,6 +137,7 @@ def test_checkpoint_with_an_average_in_flight_resumes_bitwise() -> None:
      "sync.overlap_steps: 5 exceeds sync.period=4"),
     (["sync.algorithm=local", "sync.runner=overlapped"],
      "sync.overlap_steps: must be >= 1 with sync.runner=overlapped"),
+    (["sync.algorithm=local", "sync.overlap_steps=-3"], "sync.overlap_steps: must be >= 0"),
     (["sync.algorithm=local", "sync.runner=overlaped"],
      "sync.runner: unknown value 'overlaped'; did you mean 'overlapped'"),
 ])
@@ -143,6 +147,15 @@ def test_bad_overlap_settings_are_one_line_each(overrides: list[str], text: str)
     assert [p for p in err.value.problems if p.startswith(text)], err.value.problems
 
 
+def test_blocking_run_refuses_a_checkpoint_with_an_average_in_flight() -> None:
+    from localsgd.sync.runners.blocking import Blocking
+
+    with pytest.raises(ConfigError, match="sync.overlap_steps: the checkpoint holds an "
+                                          "average still in flight"):
+        Blocking(None, None).load_state_dict({"pending": [[4, 6, "global", {}]]})
+    Blocking(None, None).load_state_dict({})  # a blocking checkpoint is fine
+
+
 def test_overlap_steps_picks_the_runner_and_blocking_ignores_it() -> None:
     assert load_config(None, ["sync.algorithm=local", "sync.period=4",
                               "sync.overlap_steps=2"]).sync.overlap_steps == 2
@@ -150,3 +163,24 @@ def test_overlap_steps_picks_the_runner_and_blocking_ignores_it() -> None:
                                          "sync.runner=blocking"):
         load_config(None, ["sync.algorithm=local", "sync.runner=blocking",
                            "sync.overlap_steps=2"])
+
+
+def test_hierarchical_overlaps_node_and_global_averages() -> None:
+    cfg = sync(algorithm="hierarchical", period=2, block_period=2, overlap_steps=1)
+    workers, _ = run_workers(cfg, steps=9, world=4, local_world=2)
+    for t in range(9):
+        step = t + 1
+        started = step - 1
+        for w in workers:
+            if started >= 2 and started % 2 == 0:  # an average started at `started` lands
+                s = started - 1
+                ranks = [0, 1, 2, 3] if started % 4 == 0 else (
+                    [0, 1] if w.rank < 2 else [2, 3])
+                mean = np.mean([snapshot(workers[r], s) for r in ranks], axis=0)
+                np.testing.assert_allclose(w.after[t].numpy(),
+                                           w.before[t].numpy() + mean - snapshot(w, s),
+                                           rtol=1e-12, atol=1e-13)
+            else:
+                assert torch.equal(w.after[t], w.before[t]), step
+    assert [(e.step, e.action) for e in workers[0].controller.events] == [
+        (2, "intra"), (4, "global"), (6, "intra"), (8, "global")]

@@ -114,7 +114,8 @@ class CountingBackend:
             try:
                 return attr(*args, **kwargs)
             finally:
-                self.meter.record(self.kind, _nbytes(payload), time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                self.meter.record(self.kind, _nbytes(payload), elapsed, wait_s=elapsed)
 
         return counted
 

@@ -26,8 +26,10 @@ class KindTotals:
     seconds: float = 0.0
     """From the start of each collective until its result was taken."""
     wait_s: float = 0.0
-    """Of that, the time training stood still waiting for it (all of it when blocking; only
-    the tail when the collective ran behind local steps)."""
+    """Of that, the time training stood still waiting for it: all of it for a blocking
+    collective, only the tail for an average that ran behind local steps, and 0 for DDP's
+    gradient all-reduce, which overlaps with backward (its wait is inside the backward
+    time). On CUDA a wait only blocks the host until NCCL has queued the work."""
 
 
 @dataclass
@@ -57,6 +59,7 @@ class CommMeter:
             f"{prefix}/bytes": sum(t.bytes for t in self.totals.values()),
             f"{prefix}/calls": sum(t.calls for t in self.totals.values()),
             f"{prefix}/seconds": sum(t.seconds for t in self.totals.values()),
+            f"{prefix}/wait_s": sum(t.wait_s for t in self.totals.values()),
         }
         for kind, t in self.totals.items():
             out[f"{prefix}/{kind}/bytes"] = t.bytes

@@ -104,6 +104,8 @@ class Averager:
         flight = InFlight(self.reducer.kind(kind), size, [t.numel() for t in tensors], [], [],
                           [])
         for (dtype, _device), idx in by_kind.items():
+            if sum(tensors[i].numel() for i in idx) == 0:
+                continue  # nothing to send (the blocking path makes no call either)
             snap = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
             buf = snap.clone()
             capacity = self.bucketer.capacity(dtype)
@@ -132,9 +134,11 @@ class Averager:
 
 
     def apply(self, flight: InFlight, tensors: list[torch.Tensor], params: int = 0,
-               update: Any = None) -> float:
+               update: Any = None, averaged: range = range(0)) -> float:
         """Complete ``flight`` and add its effect to ``tensors`` (the ones given to ``start``);
-        returns the consensus distance of the snapshot."""
+        returns the consensus distance of the snapshot. Tensors with an index in
+        ``averaged`` (BatchNorm statistics) take the snapshots' average instead of a
+        correction, which could push a running variance below zero."""
         if [t.numel() for t in tensors] != flight.sizes:
             raise ValueError("tensors do not match the ones the sync was started with")
         self.complete(flight)
@@ -143,14 +147,18 @@ class Averager:
             pos = 0
             for i in idx:
                 n = flight.sizes[i]
-                local, mean = snap[pos:pos + n], red[pos:pos + n]
                 live = tensors[i].detach().view(-1)
+                # A checkpoint restores snapshots on the CPU; the model may live on a GPU.
+                local = snap[pos:pos + n].to(live.device)
+                mean = red[pos:pos + n].to(live.device)
                 if i < params:
                     sq += squared_distance(local, mean)
                 if i < params and update is not None:
                     synced = torch.empty_like(local)
                     update.apply(i, 0, local, mean, synced)
                     live.add_(synced.sub_(local))
+                elif i in averaged:
+                    live.copy_(mean)
                 else:
                     live.add_(mean - local)
                 pos += n

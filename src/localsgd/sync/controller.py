@@ -72,15 +72,17 @@ class SyncJob:
                  final: bool = False) -> None:
         self.ctl, self.target, self.action, self.final = ctl, target, action, final
 
-    def tensors(self) -> tuple[list[torch.Tensor], int]:
-        """What travels, parameters first, and how many of them are parameters."""
+    def tensors(self) -> tuple[list[torch.Tensor], int, range]:
+        """What travels (parameters, then buffers, then momentum), how many of them are
+        parameters, and where the buffers are."""
         params = self.target.sync_params()
         tensors = list(params)
         if self.ctl.cfg.average_buffers or self.final:
             tensors += self.target.sync_buffers()
+        buffers = range(len(params), len(tensors))
         if self.ctl.cfg.momentum == MomentumPolicy.average:
             tensors += self.target.momentum_buffers()
-        return tensors, len(params)
+        return tensors, len(params), buffers
 
     def _applied(self) -> None:
         if self.ctl.cfg.momentum == MomentumPolicy.reset:
@@ -89,7 +91,7 @@ class SyncJob:
         self.target.after_params_changed()
 
     def run(self) -> float:
-        tensors, params = self.tensors()
+        tensors, params, _ = self.tensors()
         distance = self.ctl.averager.average(tensors, *self.ctl.topology.group(self.action),
                                              params=params, update=self.ctl.update)
         self._applied()
@@ -99,8 +101,8 @@ class SyncJob:
         return self.ctl.averager.start(self.tensors()[0], *self.ctl.topology.group(self.action))
 
     def apply(self, flight: InFlight) -> float:
-        tensors, params = self.tensors()
-        distance = self.ctl.averager.apply(flight, tensors, params, self.ctl.update)
+        tensors, params, buffers = self.tensors()
+        distance = self.ctl.averager.apply(flight, tensors, params, self.ctl.update, buffers)
         self._applied()
         return distance
 

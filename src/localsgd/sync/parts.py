@@ -71,7 +71,7 @@ PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOP
 def _resolve(cfg: Any, key: str) -> str:
     value = getattr(cfg, key)
     if key == "runner" and value == "auto":
-        return "overlapped" if getattr(cfg, "overlap_steps", 0) > 0 else "blocking"
+        return "overlapped" if getattr(cfg, "overlap_steps", 0) != 0 else "blocking"
     return str(value)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from localsgd.config.errors import ConfigError
 from localsgd.registry import Part
 from localsgd.sync.parts import RUNNERS
 from localsgd.sync.schedules.base import Schedule
@@ -29,6 +30,13 @@ class Blocking(Part):
     def drain(self, job_for: Callable[[str], Any]) -> list[tuple[int, str, float]]:
         """Finish every sync still in flight (before the final average)."""
         return []
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("pending"):
+            raise ConfigError([
+                "sync.overlap_steps: the checkpoint holds an average still in flight, written "
+                "by a run with sync.overlap_steps > 0; resume with that setting (the average "
+                "lands at its step), or set run.resume=false"])
 
     def in_consensus(self, schedule: Schedule, step: int) -> bool:
         """Whether all workers hold identical parameters after ``step`` steps."""

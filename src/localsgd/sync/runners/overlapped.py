@@ -6,10 +6,16 @@ background (gloo's worker threads on CPU; NCCL's own stream on CUDA). ``overlap_
 steps later the runner waits for whatever is still running and applies
 theta <- theta + (update(snapshot, average) - snapshot): with plain averaging, the average
 the workers had tau steps ago plus each worker's own progress since. Momentum (policy
-``average``) and BatchNorm buffers get the same correction; policy ``reset`` zeroes momentum
-when the correction lands. Workers therefore never hold identical models between syncs, so
-evaluation averages the models aside and the run ends with a blocking average (the exact
-consensus) after the last correction has landed.
+``average``) gets the same correction; policy ``reset`` zeroes momentum when the correction
+lands. BatchNorm statistics (with ``sync.average_buffers``) take the snapshots' average, as a
+correction could push a running variance below zero. Workers therefore never hold identical
+models between syncs, so evaluation averages the models aside and the run ends with a
+blocking average (the exact consensus) after the last correction has landed.
+
+A sync is logged when it lands, under the step it started at, so an epoch's ``sync/count``
+counts the averages that landed in it. A resumed run with another world size starts from
+the average of the saved models and drops the averages in flight (with policy ``reset`` the
+momentum reset they would have made is dropped with them).
 
 A checkpoint taken while a sync is in flight waits for its collectives and saves the
 snapshot and the reduced values; the resumed run applies them at the same step, so it is
@@ -44,8 +50,10 @@ class Overlapped(Part):
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         tau = cfg.overlap_steps
-        if tau < 1:
-            return [f"sync.overlap_steps: must be >= 1 with sync.runner=overlapped, got {tau}"]
+        if tau < 0:
+            return [f"sync.overlap_steps: must be >= 0 (0: blocking), got {tau}"]
+        if tau == 0:
+            return ["sync.overlap_steps: must be >= 1 with sync.runner=overlapped, got 0"]
         period = getattr(cfg, "period", None)
         if facts.local_steps and period is not None and tau > period:
             return [f"sync.overlap_steps: {tau} exceeds sync.period={period}; an average must "
