@@ -57,6 +57,8 @@ VARIANTS = {v.name: v for v in (
     # Overlapped averaging: the average runs behind tau local steps (sync.overlap_steps).
     Variant("local-H16-o2", ("sync.algorithm=local", "sync.period=16", "sync.overlap_steps=2")),
     Variant("local-H16-o4", ("sync.algorithm=local", "sync.period=16", "sync.overlap_steps=4")),
+    Variant("local-H16-o4-f4", ("sync.algorithm=local", "sync.period=16", "sync.overlap_steps=4",
+                                "sync.fragments=4")),
     Variant("local-H4-o1", ("sync.algorithm=local", "sync.period=4", "sync.overlap_steps=1")),
     Variant("local-H4-o2", ("sync.algorithm=local", "sync.period=4", "sync.overlap_steps=2")),
     Variant("torch-peer-h4", ("--peer-period=4",), entry=HERE / "peer_worker.py"),
@@ -97,6 +99,7 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
         "samples_per_s": s["throughput/samples_per_s"],
         "comm": {k: v for k, v in s.items() if k.startswith("comm/")},
         "max_rss_mib": max(n.max_rss_kib for n in job.nodes) / 1024,
+        "sync_extra_bytes": s.get("sync/extra_bytes"),
     })
     if loopback:
         return row

@@ -27,7 +27,8 @@ import bench_links  # noqa: E402 - a sibling script
 import netem  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-GROUPS = {16: ["local-H16", "local-H16-o2", "local-H16-o4", "torch-peer-h16"],
+GROUPS = {16: ["local-H16", "local-H16-o2", "local-H16-o4", "local-H16-o4-f4",
+               "torch-peer-h16"],
           4: ["local-H4", "local-H4-o1", "local-H4-o2", "torch-peer-h4"]}
 BOUND = "no-comm"
 
@@ -49,7 +50,7 @@ def median(xs: list[float]) -> float | None:
 
 def table(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
     lines = ["| rate | variant | steps/s (median) | / bound | / blocking | / torch peer | "
-             "average wait s / transfer s |", "|---" * 7 + "|"]
+             "average wait s / transfer s | sync extra MiB | peak RSS MiB |", "|---" * 9 + "|"]
     for rate in rates:
         for h, names in GROUPS.items():
             for name in [BOUND, *names] if h == 16 else names:
@@ -61,6 +62,9 @@ def table(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
                 wait = statistics.median(r["comm"].get("comm/average/wait_s", 0) for r in mine)
                 total = statistics.median(r["comm"].get("comm/average/seconds", 0)
                                           for r in mine)
+                rss = statistics.median(r["max_rss_mib"] for r in mine)
+                extra_bytes = mine[0].get("sync_extra_bytes")
+                extra = "-" if extra_bytes is None else f"{extra_bytes / 2**20:.2f}"
 
                 def fmt(x: float | None) -> str:
                     return "-" if x is None else f"{x:.2f}"
@@ -70,7 +74,7 @@ def table(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
                     f"{fmt(median(ratios(rows, rate, name, BOUND)))} | "
                     f"{fmt(median(ratios(rows, rate, name, f'local-H{h}')))} | "
                     f"{fmt(median(ratios(rows, rate, name, f'torch-peer-h{h}')))} | "
-                    f"{wait:.2f} / {total:.2f} |")
+                    f"{wait:.2f} / {total:.2f} | {extra} | {rss:.0f} |")
     return "\n".join(lines)
 
 

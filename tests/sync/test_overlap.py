@@ -129,7 +129,7 @@ def test_checkpoint_with_an_average_in_flight_resumes_bitwise() -> None:
             (e.step, e.distance) for e in b.controller.events]
         assert [e.step for e in b.controller.events] == [4, 8]  # 12 lands at 15
     merged = Overlapped.merge_states([saved[0][0]["parts"]["runner"]])
-    assert merged == {"pending": []}
+    assert merged == {"pending": [], "waiting": [], "partial": []}
 
 
 @pytest.mark.parametrize(("overrides", "text"), [
@@ -184,3 +184,75 @@ def test_hierarchical_overlaps_node_and_global_averages() -> None:
                 assert torch.equal(w.after[t], w.before[t]), step
     assert [(e.step, e.action) for e in workers[0].controller.events] == [
         (2, "intra"), (4, "global"), (6, "intra"), (8, "global")]
+
+
+def test_fragments_stream_the_model_and_hold_a_fraction_of_it() -> None:
+    """F=2, H=4, tau=1: fragment 0 (the first 40-element parameter) starts at the sync step
+    and lands one step later; fragment 1 (the rest: 21 + 5 parameter elements and the
+    3-element buffer) starts two steps after the sync and lands one step after that."""
+    cfg = sync(algorithm="local", period=4, overlap_steps=1, fragments=2)
+    workers, _ = run_workers(cfg, steps=8)
+    parts = [slice(0, 40), slice(40, 66)]
+    starts = {5: (3, parts[0]), 7: (5, parts[1])}  # landing step -> (start index, elements)
+    for t in range(8):
+        for w in workers:
+            changed = w.after[t] != w.before[t]
+            if t + 1 not in starts:
+                assert not changed.any(), t + 1
+                continue
+            s, part = starts[t + 1]
+            expected = (w.before[t].numpy()[part] + snapshot_mean(workers, s)[part]
+                        - snapshot(w, s)[part])
+            np.testing.assert_allclose(w.after[t].numpy()[part], expected, rtol=1e-12,
+                                       atol=1e-13)
+            others = torch.ones(66, dtype=torch.bool)
+            others[part] = False
+            assert changed[part].all() and not changed[others].any(), t + 1
+    # One event per sync, its distance combining both fragments' (each at its own start).
+    (event,) = workers[0].controller.events
+    sq = sum(float(np.sum((snapshot(workers[0], s)[part] - snapshot_mean(workers, s)[part])
+                          ** 2)) for s, part in starts.values())
+    assert (event.step, event.action) == (4, "global")
+    assert event.distance == pytest.approx(sq ** 0.5, rel=1e-10)
+
+
+def test_fragments_bound_the_memory_in_flight() -> None:
+    peak = {}
+    for parts in (1, 2):
+        cfg = sync(algorithm="local", period=4, overlap_steps=1, fragments=parts)
+        workers, _ = run_workers(cfg, steps=8)
+        peak[parts] = workers[0].controller.runner.peak_bytes
+    # Snapshot + reduce buffer: the whole 69-element float64 sync, or its larger fragment.
+    assert peak == {1: 2 * 69 * 8, 2: 2 * 40 * 8}
+
+
+def test_a_checkpoint_between_fragments_resumes_bitwise() -> None:
+    cfg = sync(algorithm="local", period=4, overlap_steps=1, fragments=2)
+    saved: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+
+    def checkpoint(w: Worker, t: int) -> None:
+        if t == 5:  # step 6: fragment 0 landed at 5, fragment 1 started at 6, due at 7
+            state = w.controller.state_dict()
+            runner = state["parts"]["runner"]
+            assert len(runner["pending"]) == 1 and runner["partial"]
+            saved[w.rank] = (state, [x.clone() for x in w.target.tensors()])
+
+    full, _ = run_workers(cfg, steps=12, between=checkpoint)
+    resumed, _ = run_workers(cfg, steps=12, resume=saved)
+    for a, b in zip(full, resumed, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.after[6:], b.after, strict=True))
+        assert [(e.step, e.distance) for e in a.controller.events] == [
+            (e.step, e.distance) for e in b.controller.events]
+
+
+@pytest.mark.parametrize(("overrides", "text"), [
+    (["sync.fragments=3"], "sync.fragments: 3 does not divide sync.period=4"),
+    (["sync.fragments=2", "sync.overlap_steps=3"],
+     "sync.overlap_steps: 3 exceeds sync.period / sync.fragments = 2"),
+    (["sync.fragments=0"], "sync.fragments: must be >= 1"),
+])
+def test_bad_fragment_settings(overrides: list[str], text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["sync.algorithm=local", "sync.period=4", "sync.overlap_steps=1",
+                           *overrides])
+    assert [p for p in err.value.problems if p.startswith(text)], err.value.problems

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,11 @@ class InFlight:
     started: float = field(default_factory=time.perf_counter)
     works: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
     done: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds: the snapshots and the buffers being reduced."""
+        return sum(t.numel() * t.element_size() for t in [*self.snapshots, *self.reduced])
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "size": self.size, "sizes": self.sizes,
@@ -95,11 +101,12 @@ class Averager:
         return math.sqrt(sq)
 
     def start(self, tensors: list[torch.Tensor], group: Any, size: int,
-               kind: str = "average") -> InFlight:
-        """Snapshot ``tensors`` and launch their reduction over ``group``; returns at once."""
+              kind: str = "average", select: Collection[int] | None = None) -> InFlight:
+        """Snapshot ``tensors`` (those with an index in ``select``, default all) and launch
+        their reduction over ``group``; returns at once."""
         by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, t in enumerate(tensors):
-            if t.is_floating_point():
+            if t.is_floating_point() and (select is None or i in select):
                 by_kind.setdefault((t.dtype, t.device), []).append(i)
         flight = InFlight(self.reducer.kind(kind), size, [t.numel() for t in tensors], [], [],
                           [])
@@ -116,7 +123,6 @@ class Averager:
                 self.meter.record(flight.kind, self.reducer.payload_bytes(chunk))
                 flight.works.append((self.reducer.start(chunk, group), chunk))
         return flight
-
 
     def complete(self, flight: InFlight) -> None:
         """Wait for the collectives of ``flight``; the reduced values are then in place."""

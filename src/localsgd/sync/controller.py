@@ -9,6 +9,7 @@ on which ones they are. Observers see every step and sync without patching anyth
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -97,8 +98,10 @@ class SyncJob:
         self._applied()
         return distance
 
-    def start(self) -> InFlight:
-        return self.ctl.averager.start(self.tensors()[0], *self.ctl.topology.group(self.action))
+    def start(self, select: Collection[int] | None = None) -> InFlight:
+        """Launch the average of the tensors with an index in ``select`` (default all)."""
+        return self.ctl.averager.start(self.tensors()[0], *self.ctl.topology.group(self.action),
+                                       select=select)
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
@@ -203,6 +206,12 @@ class SyncController:
             else:
                 for s, d in zip(src, dst, strict=True):
                     d.copy_(s)
+
+    def extra_bytes(self) -> int:
+        """The most memory syncs held besides the model: averaging buckets plus whatever an
+        overlapped runner kept in flight (snapshots and buffers being reduced)."""
+        buckets = sum(b.numel() * b.element_size() for b in self.averager.bucketer.buffers.values())
+        return buckets + self.runner.peak_bytes
 
     def pop_events(self) -> list[SyncEvent]:
         events, self.events = self.events, []

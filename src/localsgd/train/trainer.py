@@ -347,6 +347,7 @@ class Trainer:
             "step": self.controller.step, "epoch": self.state.epoch,
             "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm,
             "time/to_target_s": self.state.time_to_target,
+            "sync/extra_bytes": self.controller.extra_bytes(),
             **self.meter.flat(),
         }
         if info.is_main:

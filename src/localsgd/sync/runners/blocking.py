@@ -16,7 +16,8 @@ class Blocking(Part):
     name = "blocking"
 
     def __init__(self, cfg: Any, averager: Any) -> None:
-        pass
+        self.peak_bytes = 0
+        """Beyond the averaging bucket, nothing: the average is taken in place."""
 
     def submit(self, step: int, action: str, job: Any) -> list[tuple[int, str, float]]:
         """Start the sync ``job`` due after ``step``; returns the syncs that finished, as
@@ -32,7 +33,7 @@ class Blocking(Part):
         return []
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("pending"):
+        if state.get("pending") or state.get("waiting"):
             raise ConfigError([
                 "sync.overlap_steps: the checkpoint holds an average still in flight, written "
                 "by a run with sync.overlap_steps > 0; resume with that setting (the average "

@@ -17,14 +17,24 @@ counts the averages that landed in it. A resumed run with another world size sta
 the average of the saved models and drops the averages in flight (with policy ``reset`` the
 momentum reset they would have made is dropped with them).
 
+With ``fragments`` F > 1 the tensors of a sync are cut into F contiguous fragments of about
+equal size (streaming, as in streaming DiLoCo): fragment f starts ``f * period / F`` steps
+after the sync step and lands ``overlap_steps`` after its own start, so at most one fragment
+is in flight. The sync's consensus distance combines its fragments' (each measured when it
+started) and is logged when the last one lands; a run that ends between fragments launches
+and lands the rest before its final average. Bytes are those of a whole sync; a fragment
+boundary can split a bucket, so there may be one more call per fragment.
+
 A checkpoint taken while a sync is in flight waits for its collectives and saves the
-snapshot and the reduced values; the resumed run applies them at the same step, so it is
-bitwise identical to an uninterrupted one. Extra memory: two copies of what travels (the
-snapshot and the buffer being reduced).
+snapshot and the reduced values (and the fragments still to start); the resumed run applies
+them at the same step, so it is bitwise identical to an uninterrupted one. Extra memory: two
+copies of what is in flight (the snapshot and the buffer being reduced): twice the model's
+synced tensors, or twice the largest fragment. ``peak_bytes`` records the most it held.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +49,27 @@ from localsgd.sync.schedules.base import MINIBATCH, Schedule
 class OverlapKeys:
     overlap_steps: int = 0
     """tau: local steps an average runs in the background before it is applied (0: blocking,
-    the default). At most ``sync.period``, so one average is in flight at a time."""
+    the default). At most ``sync.period / sync.fragments``, so that one average is in flight
+    at a time."""
+    fragments: int = 1
+    """F: stream each sync in F fragments, started period / F steps apart (F divides
+    sync.period); at most 1/F of the synced tensors is in flight and held as a snapshot."""
+
+
+Done = tuple[int, str, float]
+"""(step the sync started, action, consensus distance)."""
+
+
+def fragment_of(sizes: list[int], parts: int) -> list[list[int]]:
+    """Contiguous index ranges of ``sizes`` cut into ``parts`` of about equal total size."""
+    total = sum(sizes) or 1
+    out: list[list[int]] = [[] for _ in range(parts)]
+    seen = 0
+    for i, n in enumerate(sizes):
+        # A tensor goes to the fragment that holds its middle element.
+        out[min(parts - 1, int((seen + n / 2) * parts / total))].append(i)
+        seen += n
+    return out
 
 
 @RUNNERS.register
@@ -49,35 +79,80 @@ class Overlapped(Part):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        tau = cfg.overlap_steps
+        tau, parts = cfg.overlap_steps, cfg.fragments
         if tau < 0:
             return [f"sync.overlap_steps: must be >= 0 (0: blocking), got {tau}"]
         if tau == 0:
             return ["sync.overlap_steps: must be >= 1 with sync.runner=overlapped, got 0"]
+        if parts < 1:
+            return [f"sync.fragments: must be >= 1, got {parts}"]
         period = getattr(cfg, "period", None)
-        if facts.local_steps and period is not None and tau > period:
-            return [f"sync.overlap_steps: {tau} exceeds sync.period={period}; an average must "
-                    "land before the next one starts, so use at most the period"]
+        if not facts.local_steps or period is None:
+            return []
+        if period % parts:
+            return [f"sync.fragments: {parts} does not divide sync.period={period}; fragments "
+                    "start period / fragments steps apart"]
+        if tau > period // parts:
+            limit = f"sync.period={period}" if parts == 1 else (
+                f"sync.period / sync.fragments = {period // parts}")
+            return [f"sync.overlap_steps: {tau} exceeds {limit}; an average must land before "
+                    "the next one starts"]
         return []
 
     def __init__(self, cfg: Any, averager: Averager) -> None:
         self.tau = cfg.overlap_steps
+        self.parts = cfg.fragments
+        self.gap = max(1, getattr(cfg, "period", 1) // self.parts)
         self.averager = averager
         self.pending: list[tuple[int, int, str, InFlight]] = []
-        """(step started, step due, action, the sync in flight)."""
+        """(step the sync started, step due, action, one fragment in flight)."""
+        self.waiting: list[tuple[int, int, str, int]] = []
+        """(step the sync started, step to launch, action, fragment) not yet started."""
+        self.partial: dict[tuple[int, str], tuple[int, float]] = {}
+        """(sync step, action) -> (fragments landed, their squared distances summed)."""
+        self.peak_bytes = 0
 
-    def submit(self, step: int, action: str, job: Any) -> list[tuple[int, str, float]]:
-        self.pending.append((step, step + self.tau, action, job.start()))
+    def _launch(self, sync_step: int, step: int, action: str, fragment: int, job: Any) -> None:
+        tensors = job.tensors()[0]
+        select = None if self.parts == 1 else set(
+            fragment_of([t.numel() for t in tensors], self.parts)[fragment])
+        flight = job.start(select)
+        self.pending.append((sync_step, step + self.tau, action, flight))
+        self.peak_bytes = max(self.peak_bytes, sum(f.nbytes for *_, f in self.pending))
+
+    def _land(self, sync_step: int, action: str, flight: InFlight, job: Any) -> list[Done]:
+        distance = job.apply(flight)
+        landed, sq = self.partial.pop((sync_step, action), (0, 0.0))
+        landed, sq = landed + 1, sq + distance * distance
+        if landed < self.parts:
+            self.partial[(sync_step, action)] = (landed, sq)
+            return []
+        return [(sync_step, action, math.sqrt(sq) if self.parts > 1 else distance)]
+
+    def submit(self, step: int, action: str, job: Any) -> list[Done]:
+        self.waiting += [(step, step + f * self.gap, action, f) for f in range(1, self.parts)]
+        self._launch(step, step, action, 0, job)
         return []
 
-    def poll(self, step: int, job_for: Callable[[str], Any]) -> list[tuple[int, str, float]]:
-        due = [p for p in self.pending if p[1] <= step]
-        self.pending = [p for p in self.pending if p[1] > step]
-        return [(start, action, job_for(action).apply(flight))
-                for start, _, action, flight in due]
+    def poll(self, step: int, job_for: Callable[[str], Any]) -> list[Done]:
+        done: list[Done] = []
+        for entry in [p for p in self.pending if p[1] <= step]:
+            self.pending.remove(entry)
+            sync_step, _, action, flight = entry
+            done += self._land(sync_step, action, flight, job_for(action))
+        # Fragments start after whatever landed at this step, like a whole sync does.
+        for entry in [w for w in self.waiting if w[1] <= step]:
+            self.waiting.remove(entry)
+            sync_step, _, action, fragment = entry
+            self._launch(sync_step, step, action, fragment, job_for(action))
+        return done
 
-    def drain(self, job_for: Callable[[str], Any]) -> list[tuple[int, str, float]]:
-        return self.poll(max((p[1] for p in self.pending), default=0), job_for)
+    def drain(self, job_for: Callable[[str], Any]) -> list[Done]:
+        done: list[Done] = []
+        while self.pending or self.waiting:
+            due = min([p[1] for p in self.pending] + [w[1] for w in self.waiting])
+            done += self.poll(due, job_for)
+        return done
 
     def in_consensus(self, schedule: Schedule, step: int) -> bool:
         # Corrections keep local progress: after the first local step models always differ.
@@ -86,14 +161,20 @@ class Overlapped(Part):
     def state_dict(self) -> dict[str, Any]:
         for *_, flight in self.pending:
             self.averager.complete(flight)
-        return {"pending": [[s, d, a, f.state_dict()] for s, d, a, f in self.pending]}
+        return {"pending": [[s, d, a, f.state_dict()] for s, d, a, f in self.pending],
+                "waiting": [list(w) for w in self.waiting],
+                "partial": [[s, a, n, sq] for (s, a), (n, sq) in self.partial.items()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pending = [(int(s), int(d), str(a), InFlight.from_state(f))
                         for s, d, a, f in state.get("pending", [])]
+        self.waiting = [(int(s), int(t), str(a), int(f)) for s, t, a, f in
+                        state.get("waiting", [])]
+        self.partial = {(int(s), str(a)): (int(n), float(sq))
+                        for s, a, n, sq in state.get("partial", [])}
 
     @classmethod
     def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
         # Another world size restarts from the average of the saved models, into which the
         # workers' pending corrections are already folded as well as they can be: drop them.
-        return {"pending": []}
+        return {"pending": [], "waiting": [], "partial": []}
