@@ -70,9 +70,25 @@ def train_args(variant: Variant, steps: int, batch: int, run_dir: Path) -> list[
     # to 4 workers at batch 16, so every variant evaluates exactly once, at the end.
     return [str(RECIPE), "data.name=synthetic", "data.image_size=32",
             "data.synthetic_samples=4096", f"data.batch_size={batch}", "model.name=resnet20",
-            f"train.max_steps={steps}", "train.progress=false", "train.log_every_steps=8",
+            f"train.max_steps={steps}", "train.progress=false", "train.log_every_steps=16",
             "run.checkpoint_every_epochs=0", "run.resume=false", f"run.dir={run_dir}",
             *variant.overrides]
+
+
+def steady_rate(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    """Steps/s from the wall time at step 16 to that at the last multiple of 16: whole sync
+    periods (H divides 16) without start-up, the final evaluation or the final average."""
+    marks = {int(k): v for k, v in summary.get("time/step_marks", {}).items()}
+    metrics = run_dir / "metrics.jsonl"
+    if not marks and metrics.exists():
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("event") == "step" and r["step"] % 16 == 0:
+                marks[r["step"]] = r["time/wall_s"]
+    last = max(marks, default=0)
+    if 16 not in marks or last <= 16:
+        return None
+    return (last - 16) / (marks[last] - marks[16])
 
 
 def ring_factor(ranks: int) -> float:
@@ -100,6 +116,7 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
         "comm": {k: v for k, v in s.items() if k.startswith("comm/")},
         "max_rss_mib": max(n.max_rss_kib for n in job.nodes) / 1024,
         "sync_extra_bytes": s.get("sync/extra_bytes"),
+        "steady_steps_per_s": steady_rate(run_dir, s),
     })
     if loopback:
         return row

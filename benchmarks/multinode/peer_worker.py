@@ -115,6 +115,8 @@ def main(argv: list[str]) -> int:
 
     ddp.train()
     step, epoch = 0, 0
+    marks: dict[int, float] = {}
+    """Wall seconds after each 16th step (as the trainer's step records), for steady rates."""
     start = time.perf_counter()
     while step < max_steps:
         sampler.set_epoch(epoch)
@@ -134,6 +136,8 @@ def main(argv: list[str]) -> int:
             wrapped.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            if step % 16 == 0:
+                marks[step] = time.perf_counter() - start
         epoch += 1
 
     # Final evaluation, as the trainer's: average the models' floating-point state
@@ -163,6 +167,7 @@ def main(argv: list[str]) -> int:
     summary: dict[str, Any] = {
         "eval/acc": correct / count, "eval/loss": loss_sum / count,
         "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
+        "time/step_marks": marks,
         "step": step, "epoch": epoch, "world_size": info.world_size,
         "sync/algorithm": f"torch-post_localSGD-H{args.peer_period}",
         "peer/averages": comm["average"][1], "peer/param_bytes": param_bytes,
