@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, synthetic_args, torchrun
-from helpers import summary
+from helpers import final_model, summary
 
 from localsgd.report.files import read_metrics
 
@@ -46,19 +47,27 @@ def test_cifar10_two_workers_learn_and_agree(tmp_path: Path, cifar_root: Path) -
     assert "resolved recipe:" in proc.stdout and "communication:" in proc.stdout
 
 
+def cut_and_resumed(tmp_path: Path, common: list[str],
+                    inspect: Callable[[Path], None] | None = None) -> tuple[dict, dict]:
+    """Train to step 40 in one go, and again stopping at step 16 then resuming to 40; the
+    final models must be bitwise equal. Returns both summaries."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torchrun(synthetic_args(full, *common, "train.max_steps=40"))
+    torchrun(synthetic_args(cut, *common, "train.max_steps=16"))
+    if inspect is not None:
+        inspect(cut)
+    proc = torchrun(synthetic_args(cut, *common, "train.max_steps=40"))
+    assert "resumed from step 16" in proc.stdout
+    a, b = final_model(full), final_model(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return summary(full), summary(cut)
+
+
 def test_resume_between_syncs_is_bitwise_exact(tmp_path: Path) -> None:
     common = ["sync.algorithm=local", "sync.period=5", "run.checkpoint_every_epochs=1",
               "train.epochs=3"]
-    torchrun(synthetic_args(tmp_path / "full", *common, "train.max_steps=40"))
     # The interrupted run stops after epoch 1 (step 16, between two syncs), then resumes.
-    torchrun(synthetic_args(tmp_path / "cut", *common, "train.max_steps=16"))
-    proc = torchrun(synthetic_args(tmp_path / "cut", *common, "train.max_steps=40"))
-    assert "resumed from step 16" in proc.stdout
-    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = summary(tmp_path / "full")
-    sb = summary(tmp_path / "cut")
+    sa, sb = cut_and_resumed(tmp_path, common)
     assert sa["comm/average/calls"] == sb["comm/average/calls"]
     assert sa["step"] == sb["step"] == 40
 
@@ -87,17 +96,12 @@ def test_overlapped_resume_with_an_average_in_flight_is_bitwise_exact(tmp_path: 
     applies at 19."""
     common = ["sync.algorithm=local", "sync.period=4", "sync.overlap_steps=3",
               "run.checkpoint_every_epochs=1", "train.epochs=3", "model.dtype=float64"]
-    torchrun(synthetic_args(tmp_path / "full", *common, "train.max_steps=40"))
-    torchrun(synthetic_args(tmp_path / "cut", *common, "train.max_steps=16"))
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000016" / "rank0.pt",
-                       weights_only=True)
-    assert [p[:3] for p in state["sync"]["parts"]["runner"]["pending"]] == [[16, 19, "global"]]
-    proc = torchrun(synthetic_args(tmp_path / "cut", *common, "train.max_steps=40"))
-    assert "resumed from step 16" in proc.stdout
-    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    sa = summary(tmp_path / "full")
-    sb = summary(tmp_path / "cut")
+    def in_flight(cut: Path) -> None:
+        state = torch.load(cut / "checkpoints" / "step-00000016" / "rank0.pt",
+                           weights_only=True)
+        pending = state["sync"]["parts"]["runner"]["pending"]
+        assert [p[:3] for p in pending] == [[16, 19, "global"]]
+
+    sa, sb = cut_and_resumed(tmp_path, common, in_flight)
     assert sa["comm/average/calls"] == sb["comm/average/calls"] == 10 + 1  # + final average
     assert 0 <= sa["comm/average/wait_s"] <= sa["comm/average/seconds"]
