@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.buckets import Bucketer
+from localsgd.sync.buckets import Bucketer, floating_groups
 
 
 @dataclass
@@ -104,13 +104,9 @@ class Averager:
               kind: str = "average", select: Collection[int] | None = None) -> InFlight:
         """Snapshot ``tensors`` (those with an index in ``select``, default all) and launch
         their reduction over ``group``; returns at once."""
-        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, t in enumerate(tensors):
-            if t.is_floating_point() and (select is None or i in select):
-                by_kind.setdefault((t.dtype, t.device), []).append(i)
         flight = InFlight(self.reducer.kind(kind), size, [t.numel() for t in tensors], [], [],
                           [])
-        for (dtype, _device), idx in by_kind.items():
+        for (dtype, _device), idx in floating_groups(tensors, select).items():
             if sum(tensors[i].numel() for i in idx) == 0:
                 continue  # nothing to send (the blocking path makes no call either)
             snap = torch.cat([tensors[i].detach().reshape(-1) for i in idx])

@@ -7,7 +7,7 @@ buckets.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,19 @@ def segments(sizes: list[int], capacity: int) -> Iterator[list[Segment]]:
                 bucket, used = [], 0
     if bucket:
         yield bucket
+
+
+def floating_groups(tensors: list[torch.Tensor], select: Collection[int] | None = None,
+                    ) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    """Indices of the floating tensors (those in ``select``, default all) per dtype and
+    device, in first-seen order: the same on every rank, so collectives line up. Integer
+    tensors (BatchNorm's batch counter) advance identically on every worker and never
+    travel."""
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and (select is None or i in select):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+    return groups
 
 
 @dataclass
@@ -75,11 +88,7 @@ class Bucketer:
         Integer tensors (BatchNorm's batch counter) are skipped: they advance identically on
         every worker. A bucket is valid until the next one is requested.
         """
-        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, t in enumerate(tensors):
-            if t.is_floating_point():
-                by_kind.setdefault((t.dtype, t.device), []).append(i)
-        for (dtype, device), idx in by_kind.items():
+        for (dtype, device), idx in floating_groups(tensors).items():
             buf = self.buffer(dtype, device)
             flat = [tensors[i].detach().reshape(-1) for i in idx]
             for segs in segments([t.numel() for t in flat], buf.numel()):
