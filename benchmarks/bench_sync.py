@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from localsgd.config.schema import DistConfig, ModelConfig, ModelName, OptimConfig
 from localsgd.engines import EngineConfig, EngineContext, build_engine
+from localsgd.engines.ddp import NO_BUFFER_SYNC
 from localsgd.launch.env import DistInfo, init_distributed
 from localsgd.models import build_model
 from localsgd.registry import Facts
@@ -104,7 +105,7 @@ def build_ddp(s: Setup, sync_buffers: bool | None = None) -> Built:
     all-reduce); ``sync_buffers=False`` turns the per-forward buffer broadcast off."""
     model, opt = _model_and_opt(s)
     ddp = DistributedDataParallel(model, device_ids=_device_ids(s),
-                                  forward_sync_buffers=sync_buffers)
+                                  **({} if sync_buffers is None else NO_BUFFER_SYNC))
     return Built(_plain_step(ddp, opt, s.loss_fn), keep=[ddp])
 
 
@@ -140,7 +141,7 @@ def build_torch_postlocal(s: Setup, period: int, docs_defaults: bool = False) ->
     """
     model, opt = _model_and_opt(s)
     ddp = DistributedDataParallel(model, device_ids=_device_ids(s),
-                                  forward_sync_buffers=None if docs_defaults else False)
+                                  **({} if docs_defaults else NO_BUFFER_SYNC))
     if docs_defaults and s.node_group is None:
         s.node_group, _ = dist.new_subgroups(group_size=s.info.local_world_size)
     state = PostLocalSGDState(process_group=None,

@@ -53,6 +53,7 @@ from torch.distributed.optim import PostLocalSGDOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from localsgd.data import build_datasets, build_eval_loader, build_train_loader
+from localsgd.engines.ddp import NO_BUFFER_SYNC
 from localsgd.launch.env import init_distributed, shutdown
 from localsgd.models import build_model
 from localsgd.recipe import load_config
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
 
     # bench_sync.py's build_torch_postlocal (speed set-up): CPU/gloo, so no device_ids; no
     # per-forward buffer broadcast; DDP's init_sync broadcasts rank 0's module state once.
-    ddp = DistributedDataParallel(model, forward_sync_buffers=False)
+    ddp = DistributedDataParallel(model, **NO_BUFFER_SYNC)
     if info.world_size > 1:
         comm["other"][0] += state_bytes
         comm["other"][1] += 1

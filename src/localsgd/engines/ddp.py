@@ -7,6 +7,7 @@ them), which keeps local steps free of any collective.
 """
 
 
+import inspect
 import time
 from typing import Any
 
@@ -19,6 +20,14 @@ from localsgd.engines.base import EnginePart, momentum_tensors
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.sync.accounting import CommMeter
 
+# BatchNorm buffers are averaged by the sync parts, never broadcast from rank 0 in forward.
+# torch 2.14 renamed ``broadcast_buffers`` to ``forward_sync_buffers``; older releases only
+# know the first name.
+NO_BUFFER_SYNC: dict[str, bool] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False})
+
 
 class _HookState:
     def __init__(self, meter: CommMeter, world_size: int) -> None:
@@ -29,6 +38,11 @@ class _HookState:
 def _counting_allreduce(state: _HookState,
                         bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buf = bucket.buffer()
+    if state.world_size == 1:
+        # Nothing to reduce: skip the collective (and its launch on the device) entirely.
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
     nbytes = buf.numel() * buf.element_size()
     start = time.perf_counter()
     # Divide first, like DDP's built-in reduction, so results match it bit for bit.
@@ -64,7 +78,7 @@ class DDPEngine(EnginePart):
         self.wrapped = DistributedDataParallel(
             module,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            forward_sync_buffers=False,
+            **NO_BUFFER_SYNC,
             init_sync=False,
             gradient_as_bucket_view=True,
         )

@@ -60,12 +60,37 @@ def resolve_device(cfg: DistConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def choose_backend(cfg: DistConfig, device: torch.device, local_world: int, rank: int) -> str:
+    """nccl on CUDA and gloo on CPU, unless the recipe names one.
+
+    NCCL refuses two ranks on one GPU, and several workers per GPU is how the paper ran its
+    16-worker experiments; gloo handles CUDA tensors (through host copies), so ``auto`` falls
+    back to it with a notice. An explicit ``nccl`` in that layout is the recipe's mistake.
+    """
+    shared = device.type == "cuda" and local_world > torch.cuda.device_count()
+    if cfg.backend == Backend.nccl and shared:
+        raise ConfigError([
+            f"dist.backend: nccl cannot run {local_world} workers per node on "
+            f"{torch.cuda.device_count()} visible GPU(s) (NCCL allows one rank per GPU); use "
+            "dist.backend=auto or gloo, or start at most one worker per GPU"])
+    if cfg.backend != Backend.auto:
+        return cfg.backend.value
+    if device.type != "cuda":
+        return "gloo"
+    if shared:
+        if rank == 0:
+            print(f"localsgd: notice: {local_world} workers share {torch.cuda.device_count()} "
+                  "GPU(s); NCCL allows one rank per GPU, so dist.backend=auto uses gloo",
+                  flush=True)
+        return "gloo"
+    return "nccl"
+
+
 def init_distributed(cfg: DistConfig) -> DistInfo:
     """Join (or, without torchrun, create) the default process group."""
     rank, world, local_rank, local_world = launcher_env()
     device = resolve_device(cfg, local_rank)
-    backend = cfg.backend.value if cfg.backend != Backend.auto else (
-        "nccl" if device.type == "cuda" else "gloo")
+    backend = choose_backend(cfg, device, local_world, rank)
     timeout = timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
@@ -76,7 +101,7 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
             store = dist.PrefixStore(f"localsgd/attempt_{attempt}", store)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
+                                    device_id=device if backend == "nccl" else None)
         else:
             # Plain `python torchrun_entry.py`: a one-process group keeps a single code path.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,

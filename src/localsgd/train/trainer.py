@@ -213,9 +213,13 @@ class Trainer:
         while st.epoch_step < self.steps_per_epoch and not self._done():
             # A named scope per step lets profiler traces attribute every collective to a step.
             with record_function(f"localsgd.step.{self.controller.step}"):
-                loss = self._train_step(batches, loss_fn, stats)
+                loss_t = self._train_step(batches, loss_fn, stats)
             st.epoch_step += 1
             bar.update(1)
+            if self.controller.step % cfg.train.log_every_steps == 0:
+                # Reading the loss waits for the device, so it happens only every
+                # log_every_steps steps; a checkpoint checks the parameters itself.
+                loss = self._checked_loss(loss_t)
             if info.is_main and self.controller.step % cfg.train.log_every_steps == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 self.reporters.log({
@@ -239,7 +243,7 @@ class Trainer:
         self._end_epoch(stats, start)
 
     def _train_step(self, batches: Iterator[Any], loss_fn: nn.Module,
-                    stats: torch.Tensor) -> float:
+                    stats: torch.Tensor) -> torch.Tensor:
         """One optimizer step over ``grad_accum`` micro-batches; returns the last loss."""
         accum = self.cfg.train.grad_accum
         sync = self.controller.grad_sync()
@@ -253,15 +257,19 @@ class Trainer:
             stats[0] += loss.double() * y.numel()
             stats[1] += (logits.argmax(1) == y).sum()
             stats[2] += y.numel()
-        value = float(loss)
-        if not math.isfinite(value):
-            raise TrainingError(f"loss is {value} in step {self.controller.step + 1} (epoch "
-                                f"{self.state.epoch}); lower optim.base_lr or check the data. The "
-                                "last checkpoint was left intact.")
         with self.timer.phase("comm_opt"):
             self.engine.optimizer_step()
             self.scheduler.step()
             self.controller.after_step(self.engine)
+        return loss.detach()
+
+    def _checked_loss(self, loss: torch.Tensor) -> float:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"loss is {value} in step {self.controller.step} (epoch {self.state.epoch}; "
+                f"checked every train.log_every_steps={self.cfg.train.log_every_steps} steps); "
+                "lower optim.base_lr or check the data. The last checkpoint was left intact.")
         return value
 
     def _end_epoch(self, stats: torch.Tensor, start: float) -> None:
