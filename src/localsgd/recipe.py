@@ -57,7 +57,7 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
     return Facts(epochs=cfg.train.epochs, micro_batch=cfg.data.batch_size,
                  grad_accum=cfg.train.grad_accum,
                  local_steps=schedule is not None and schedule.has_local_steps(cfg.sync),
-                 algorithm=cfg.sync.algorithm,
+                 algorithm=cfg.sync.algorithm, optimizer=str(cfg.optim.name.value),
                  world_size=world_size, local_world_size=local_world_size)
 
 

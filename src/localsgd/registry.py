@@ -43,6 +43,8 @@ class Facts:
     """Known at launch only."""
     local_world_size: int | None = None
     """Workers per node (torchrun --nproc-per-node); known at launch only."""
+    optimizer: str = "sgd"
+    """optim.name: the inner optimizer."""
 
 
 class Part:

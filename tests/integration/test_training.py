@@ -105,3 +105,26 @@ def test_overlapped_resume_with_an_average_in_flight_is_bitwise_exact(tmp_path: 
     sa, sb = cut_and_resumed(tmp_path, common, in_flight)
     assert sa["comm/average/calls"] == sb["comm/average/calls"] == 10 + 1  # + final average
     assert 0 <= sa["comm/average/wait_s"] <= sa["comm/average/seconds"]
+
+
+def test_diloco_with_qsr_resumes_bitwise_and_logs_its_periods(tmp_path: Path) -> None:
+    """Inner AdamW, outer Nesterov (DiLoCo), QSR periods under a cosine LR, momentum (Adam's
+    moments) averaged: the anchor, outer momentum and period ends live in the checkpoint."""
+    common = ["optim.name=adamw", "optim.base_lr=0.002", "lr_schedule.decay=cosine",
+              "sync.algorithm=local", "sync.period=2", "sync.period_rule=qsr",
+              "sync.qsr_alpha=0.004", "sync.update=outer", "sync.outer.lr=0.7",
+              "sync.outer.momentum=0.9", "sync.outer.nesterov=true",
+              "sync.outer.scale_by_inner_lr=false", "sync.momentum=average",
+              "run.checkpoint_every_epochs=1", "train.epochs=3"]
+
+    def outer_state(cut: Path) -> None:
+        state = torch.load(cut / "checkpoints" / "step-00000016" / "rank0.pt",
+                           weights_only=True)["sync"]["parts"]
+        assert len(state["update"]["anchor"]) == len(state["update"]["velocity"]) > 0
+        assert state["period_rule"]["ends"][:3] == [0, 4, 8]
+
+    sa, sb = cut_and_resumed(tmp_path, common, outer_state)
+    assert sa["comm/average/calls"] == sb["comm/average/calls"]
+    syncs = [r for r in read_metrics(tmp_path / "full") if r.get("event") == "sync"]
+    periods = [r["sync/period"] for r in syncs if r["sync/action"] == "global"]
+    assert periods[0] == 4 and periods == sorted(periods) and periods[-1] > 4

@@ -155,6 +155,7 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                 finish: bool = False,
                 between: Callable[[Worker, int], None] | None = None,
                 resume: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
+                lr_at: Callable[[int], float] | None = None,
                 ) -> tuple[list[Worker], World]:
     """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``).
 
@@ -173,7 +174,8 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                             torch.device("cpu"), "threads")
             meter = CommMeter()
             ctl = SyncController.build(cfg, info, meter, steps_per_epoch=10,
-                                       observers=observers(rank) if observers else None)
+                                       observers=observers(rank) if observers else None,
+                                       lr_at=lr_at)
             w = Worker(rank, FakeTarget(rank), ctl, meter)
             workers[rank] = w
             if resume is not None:
@@ -181,6 +183,7 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                 ctl.load_state_dict(state)
                 for mine, saved in zip(w.target.tensors(), tensors, strict=True):
                     mine.copy_(saved)
+            ctl.begin(w.target)
             for t in range(ctl.step, steps):
                 w.target.local_step(t)
                 w.before.append(w.target.flat().clone())

@@ -103,18 +103,29 @@ class DataConfig:
     """Number of classes of the synthetic dataset."""
 
 
+class OptimName(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
 @dataclass
 class OptimConfig:
+    name: OptimName = OptimName.sgd
+    """Inner optimizer of every worker: sgd (momentum, Nesterov: the paper's) or adamw."""
     base_lr: float = 0.1
     """Learning rate per ``base_batch_size`` samples; scaled linearly with the global batch."""
     base_batch_size: int = 64
     """Reference batch size for ``base_lr`` (the paper: 0.1 per 64 samples)."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum (optim.name=sgd)."""
     nesterov: bool = True
-    """Use Nesterov momentum."""
+    """Use Nesterov momentum (optim.name=sgd)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's (beta1, beta2) (optim.name=adamw)."""
+    eps: float = 1e-8
+    """AdamW's epsilon (optim.name=adamw)."""
     weight_decay: float = 1e-4
-    """L2 weight decay."""
+    """Weight decay: L2 added to the gradient for sgd, decoupled for adamw."""
     no_decay_bn_bias: bool = True
     """Exempt BatchNorm parameters and biases from weight decay (the paper's setting)."""
 

@@ -51,14 +51,19 @@ class EnginePart(Part):
         return average_states(states)
 
 
+MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
+"""Optimizer state that ``sync.momentum`` governs: SGD's momentum, Adam(W)'s first and
+second moments. Adam's step counts stay local (every worker has taken as many steps)."""
+
+
 def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """SGD's momentum buffers, in parameter order (absent before the first step)."""
+    """The momentum tensors (see ``MOMENT_KEYS``), in parameter order, then key order
+    (absent before the first step)."""
     out: list[torch.Tensor] = []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                out.append(buf)
+            state = optimizer.state.get(p, {})
+            out += [state[k] for k in MOMENT_KEYS if k in state]
     return out
 
 

@@ -9,7 +9,7 @@ on which ones they are. Observers see every step and sync without patching anyth
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ from localsgd.sync.accounting import CommMeter
 from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.buckets import Bucketer
 from localsgd.sync.parts import PART_KINDS, SECTION, MomentumPolicy
-from localsgd.sync.schedules.base import GLOBAL, Schedule
+from localsgd.sync.schedules.base import GLOBAL, LOCAL, Schedule
 
 
 class SyncTarget(Protocol):
@@ -72,6 +72,15 @@ class SyncJob:
     def __init__(self, ctl: SyncController, target: SyncTarget, action: str,
                  final: bool = False) -> None:
         self.ctl, self.target, self.action, self.final = ctl, target, action, final
+        self.step = ctl.step
+        """Steps completed when the sync was due (its snapshot, for an overlapped runner)."""
+
+    def _update(self) -> Any:
+        """The recipe's update for a global sync; intra-node averages are plain copies."""
+        if self.action != GLOBAL:
+            return None
+        self.ctl.update.begin(self.step, self.ctl.inner_lr(self.step))
+        return self.ctl.update
 
     def tensors(self) -> tuple[list[torch.Tensor], int, range]:
         """What travels (parameters, then buffers, then momentum), how many of them are
@@ -94,7 +103,7 @@ class SyncJob:
     def run(self) -> float:
         tensors, params, _ = self.tensors()
         distance = self.ctl.averager.average(tensors, *self.ctl.topology.group(self.action),
-                                             params=params, update=self.ctl.update)
+                                             params=params, update=self._update())
         self._applied()
         return distance
 
@@ -105,16 +114,19 @@ class SyncJob:
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
-        distance = self.ctl.averager.apply(flight, tensors, params, self.ctl.update, buffers)
+        distance = self.ctl.averager.apply(flight, tensors, params, self._update(), buffers)
         self._applied()
         return distance
 
 
 class SyncController:
     def __init__(self, cfg: Any, schedule: Schedule, info: DistInfo, meter: CommMeter,
-                 observers: list[SyncObserver] | None = None) -> None:
+                 observers: list[SyncObserver] | None = None,
+                 lr_at: Callable[[int], float] | None = None) -> None:
         self.cfg = cfg
-        self.schedule = schedule
+        self.lr_at = lr_at
+        """The learning rate of each step index (``train.optim.LRCurve``), for parts that
+        depend on it (outer optimizers, the QSR period rule)."""
         self.info = info
         self.meter = meter
         self.observers = list(observers or [])
@@ -123,6 +135,8 @@ class SyncController:
         self.events: list[SyncEvent] = []
         chosen = {kind: reg.get(SECTION.name_of(cfg, key))
                   for kind, (key, reg) in PART_KINDS.items()}
+        self.period_rule = chosen["period_rule"](cfg, lr_at)
+        self.schedule = schedule.with_rule(self.period_rule)
         self.topology = chosen["topology"](cfg, info, schedule.scopes)
         self.reducer = chosen["reducer"](cfg)
         self.update = chosen["update"](cfg)
@@ -130,7 +144,7 @@ class SyncController:
         self.runner = chosen["runner"](cfg, self.averager)
         self.parts: dict[str, Any] = {"schedule": schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
-                                      "runner": self.runner}
+                                      "runner": self.runner, "period_rule": self.period_rule}
 
     @staticmethod
     def schedule_for(cfg: Any, steps_per_epoch: int) -> Schedule:
@@ -139,9 +153,24 @@ class SyncController:
 
     @classmethod
     def build(cls, cfg: Any, info: DistInfo, meter: CommMeter, steps_per_epoch: int,
-              observers: list[SyncObserver] | None = None) -> SyncController:
+              observers: list[SyncObserver] | None = None,
+              lr_at: Callable[[int], float] | None = None) -> SyncController:
         """The controller for the ``sync`` section ``cfg``."""
-        return cls(cfg, cls.schedule_for(cfg, steps_per_epoch), info, meter, observers)
+        return cls(cfg, cls.schedule_for(cfg, steps_per_epoch), info, meter, observers, lr_at)
+
+    def inner_lr(self, steps_done: int) -> float:
+        """The learning rate of the last step before ``steps_done`` steps had completed."""
+        return self.lr_at(max(steps_done - 1, 0)) if self.lr_at is not None else 1.0
+
+    def begin(self, target: SyncTarget) -> None:
+        """Call once before the first step (and after a resume): parts that keep the last
+        agreed model (outer optimizers) take it now if local steps follow."""
+        if self.info.world_size > 1:
+            self._at_consensus(target)
+
+    def _at_consensus(self, target: SyncTarget) -> None:
+        if self.schedule.phase(self.step) == LOCAL and self.in_consensus():
+            self.update.at_consensus(self.step, target.sync_params())
 
     def grad_sync(self) -> bool:
         return self.schedule.grad_sync(self.step)
@@ -170,6 +199,8 @@ class SyncController:
                 o.before_sync(self.step, action, target)
             self._record(self.runner.submit(self.step, action, SyncJob(self, target, action)),
                          target)
+        if self.info.world_size > 1:
+            self._at_consensus(target)
         for o in self.observers:
             o.after_step(self.step, action, target)
         return action

@@ -1,7 +1,8 @@
-"""The five kinds of sync part, one registry each, and the ``sync`` section they compose.
+"""The six kinds of sync part, one registry each, and the ``sync`` section they compose.
 
-A synchronization is *when* (schedule) x *with whom* (topology) x *what travels* (reducer)
-x *how it is applied* (update) x *blocking or in the background* (runner). Each kind is a
+A synchronization is *when* (schedule, period rule) x *with whom* (topology) x *what
+travels* (reducer) x *how it is applied* (update) x *blocking or in the background*
+(runner). Each kind is a
 folder of files under ``localsgd/sync/``; each file registers one part, which brings its own
 keys (its ``Config``) and checks them. The recipe key that chooses a part is listed here.
 """
@@ -31,6 +32,7 @@ TOPOLOGIES: Registry[type] = Registry("sync.topology", "localsgd.sync.topologies
 REDUCERS: Registry[type] = Registry("sync.reducer", "localsgd.sync.reducers")
 UPDATES: Registry[type] = Registry("sync.update", "localsgd.sync.updates")
 RUNNERS: Registry[type] = Registry("sync.runner", "localsgd.sync.runners")
+PERIOD_RULES: Registry[type] = Registry("sync.period_rule", "localsgd.sync.periods")
 
 
 @dataclass
@@ -47,7 +49,13 @@ class SyncCommon:
     reducer: str = "mean"
     """What travels: mean (the exact mean, one all-reduce per bucket)."""
     update: str = "copy"
-    """How the result is applied: copy (every worker takes the average)."""
+    """How the result is applied: copy (every worker takes the average) or outer (an outer
+    optimizer steps on the anchor with the averaged pseudo-gradient, as SlowMo and DiLoCo;
+    see ``sync.outer``)."""
+    period_rule: str = "fixed"
+    """How long each local period is: fixed (``period`` steps) or qsr (the Quadratic
+    Synchronization Rule: max(period, floor((qsr_alpha / lr)^2)), from the LR at the start of
+    each period)."""
     runner: str = "auto"
     """When the result is applied: blocking (right away; training waits for it) or overlapped
     (``overlap_steps`` local steps later, the average running behind them); auto picks
@@ -65,7 +73,7 @@ class SyncCommon:
 
 PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOPOLOGIES),
          "reducer": ("reducer", REDUCERS), "update": ("update", UPDATES),
-         "runner": ("runner", RUNNERS)}
+         "runner": ("runner", RUNNERS), "period_rule": ("period_rule", PERIOD_RULES)}
 """Part kind -> (the sync key choosing it, its registry)."""
 
 def _resolve(cfg: Any, key: str) -> str:

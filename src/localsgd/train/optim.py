@@ -1,6 +1,9 @@
-"""SGD with the paper's parameter groups, and the LR schedule from torch.optim.lr_scheduler."""
+"""SGD or AdamW with the paper's parameter groups, and the LR schedule from
+torch.optim.lr_scheduler."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -13,7 +16,7 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
-from localsgd.config.schema import LRDecay, LRScheduleConfig, OptimConfig
+from localsgd.config.schema import LRDecay, LRScheduleConfig, OptimConfig, OptimName
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -21,7 +24,7 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.base_lr * global_batch / cfg.base_batch_size
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.SGD:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
         # BatchNorm weights and all biases are 1-D; the paper applies no weight decay to them.
@@ -29,6 +32,9 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.opti
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if OptimName(cfg.name) == OptimName.adamw:
+        beta1, beta2 = cfg.betas
+        return torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), eps=cfg.eps)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -49,3 +55,27 @@ def build_scheduler(cfg: LRScheduleConfig, optimizer: torch.optim.Optimizer, bas
     start = min(1.0, base_lr / peak_lr)
     warmup = LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warm)
     return SequentialLR(optimizer, [warmup, after], milestones=[warm])
+
+
+class LRCurve:
+    """The learning rate of every step index, as a pure function: ``curve(step)``.
+
+    The same scheduler classes run on a throwaway one-parameter optimizer, one step per
+    index, so the values are the ones the trainer's optimizer sees, bit for bit. Steps are
+    computed on first use and kept.
+    """
+
+    def __init__(self, cfg: LRScheduleConfig, base_lr: float, peak_lr: float,
+                 steps_per_epoch: int, epochs: int) -> None:
+        self._opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak_lr)
+        self._sched = build_scheduler(cfg, self._opt, base_lr, peak_lr, steps_per_epoch, epochs)
+        self._values = [self._opt.param_groups[0]["lr"]]
+
+    def __call__(self, step: int) -> float:
+        with warnings.catch_warnings():
+            # No optimizer step is taken here; the scheduler's order warning does not apply.
+            warnings.simplefilter("ignore", UserWarning)
+            while len(self._values) <= step:
+                self._sched.step()
+                self._values.append(self._opt.param_groups[0]["lr"])
+        return float(self._values[step])

@@ -28,7 +28,7 @@ from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.parts import EvalModel
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
-from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
+from localsgd.train.optim import LRCurve, build_optimizer, build_scheduler, scaled_lr
 from localsgd.train.state import TrainState, rng_state, set_rng_state
 from localsgd.train.timing import PhaseTimer
 
@@ -109,8 +109,10 @@ class Trainer:
         self.engine = build_engine(cfg.engine, EngineContext(
             self.model, self.optimizer, info, self.meter,
             facts(cfg, info.world_size, info.local_world_size)))
+        lr_at = LRCurve(cfg.lr_schedule, cfg.optim.base_lr, self.peak_lr,
+                        self.steps_per_epoch, cfg.train.epochs)
         self.controller = SyncController.build(cfg.sync, info, self.meter,
-                                               self.steps_per_epoch, self.observers)
+                                               self.steps_per_epoch, self.observers, lr_at)
         self.schedule = self.controller.schedule
         self.averaged_eval = cfg.sync.eval_model == EvalModel.averaged
         self.eval_loader = build_eval_loader(
@@ -123,6 +125,7 @@ class Trainer:
         self.reporters = build_reporters(cfg, self.run_dir, info) if info.is_main else Reporters([])
         if cfg.run.resume:
             self._resume()
+        self.controller.begin(self.engine)
 
     # checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -325,7 +328,8 @@ class Trainer:
         """One record per sync with the mean over workers of the consensus distance."""
         for e, d in zip(events, distances, strict=True):
             self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
-                                "sync/consensus_distance": d})
+                                "sync/consensus_distance": d,
+                                "sync/period": self.schedule.effective_period(max(e.step - 1, 0))})
 
     def _evaluate(self) -> dict[str, float]:
         if self.averaged_eval:

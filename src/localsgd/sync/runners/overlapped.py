@@ -86,6 +86,13 @@ class Overlapped(Part):
             return ["sync.overlap_steps: must be >= 1 with sync.runner=overlapped, got 0"]
         if parts < 1:
             return [f"sync.fragments: must be >= 1, got {parts}"]
+        if facts.optimizer == "adamw" and cfg.momentum == "average":
+            return ["sync.momentum: average with optim.name=adamw cannot run overlapped: the "
+                    "correction could push AdamW's second moment below zero; use "
+                    "sync.momentum=local or reset, or sync.overlap_steps=0"]
+        if parts > 1 and cfg.period_rule != "fixed":
+            return [f"sync.fragments: fragments start sync.period / sync.fragments steps "
+                    f"apart, which needs sync.period_rule=fixed (not {cfg.period_rule})"]
         period = getattr(cfg, "period", None)
         if not facts.local_steps or period is None:
             return []

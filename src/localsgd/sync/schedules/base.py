@@ -9,7 +9,8 @@ scope into a process group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from localsgd.registry import Facts, Part
@@ -40,6 +41,9 @@ class Schedule(Part):
     switch_step: int | None
     """First step index that runs locally; None means never (mini-batch SGD)."""
     period: int = 1
+    rule: Any = field(default=None, compare=False)
+    """The period rule (``sync.period_rule``, bound to ``switch_step`` and ``period``); None
+    means every period is ``period`` steps."""
 
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
@@ -62,6 +66,8 @@ class Schedule(Part):
         """The scope of the model average due once ``steps_done`` steps have completed."""
         if self.switch_step is None or steps_done <= self.switch_step:
             return None
+        if self.rule is not None:
+            return GLOBAL if self.rule.is_sync(steps_done) else None
         return GLOBAL if (steps_done - self.switch_step) % self.period == 0 else None
 
     def in_consensus(self, steps_done: int) -> bool:
@@ -72,7 +78,15 @@ class Schedule(Part):
 
     def effective_period(self, step: int) -> int:
         """Steps between global averages at ``step`` (1 while gradients are all-reduced)."""
-        return 1 if self.phase(step) == MINIBATCH else self.period
+        if self.phase(step) == MINIBATCH:
+            return 1
+        return self.rule.period_of(step) if self.rule is not None else self.period
+
+    def with_rule(self, rule: Any) -> Schedule:
+        """This schedule with its periods set by ``rule`` (a ``sync.period_rule`` part)."""
+        if self.switch_step is not None:
+            rule.bind(self.switch_step, self.period)
+        return dataclasses.replace(self, rule=rule)
 
 
 def switch_step(cfg: Any, steps_per_epoch: int) -> int:

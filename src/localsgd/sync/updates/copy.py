@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from localsgd.registry import Part
 from localsgd.sync.parts import UPDATES
+from localsgd.sync.updates.base import Update
 
 
 @UPDATES.register
-class Copy(Part):
+class Copy(Update):
     name = "copy"
 
     def __init__(self, cfg: Any) -> None:
@@ -19,10 +19,4 @@ class Copy(Part):
 
     def apply(self, index: int, start: int, local: torch.Tensor, reduced: torch.Tensor,
               out: torch.Tensor) -> None:
-        """Write the new value of elements ``start:start+numel`` of tensor ``index``.
-
-        ``local`` holds this worker's values before the sync, ``reduced`` what the reducer
-        returned and ``out`` is where the result goes (may be ``local`` itself).
-        """
         out.copy_(reduced)
-

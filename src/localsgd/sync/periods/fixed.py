@@ -1,0 +1,30 @@
+"""Every local period is ``sync.period`` steps (the paper's rule)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from localsgd.registry import Part
+from localsgd.sync.parts import PERIOD_RULES
+
+
+@PERIOD_RULES.register
+class Fixed(Part):
+    name = "fixed"
+
+    def __init__(self, cfg: Any, lr_at: Callable[[int], float] | None = None) -> None:
+        self.start = 0
+        self.base = 1
+
+    def bind(self, start: int, base: int) -> None:
+        """Periods begin at step ``start`` (the first local step); ``base`` is sync.period."""
+        self.start, self.base = start, base
+
+    def is_sync(self, steps_done: int) -> bool:
+        """Whether a period ends once ``steps_done`` steps have completed."""
+        return steps_done > self.start and (steps_done - self.start) % self.base == 0
+
+    def period_of(self, step: int) -> int:
+        """Length of the period that step index ``step`` belongs to."""
+        return self.base

@@ -1,0 +1,32 @@
+"""What an update part does, with the hooks that a stateless update leaves alone."""
+
+from __future__ import annotations
+
+import torch
+
+from localsgd.registry import Part
+
+
+class Update(Part):
+    """Turns the reducer's result into every worker's new parameters.
+
+    ``apply`` handles one slice of one parameter at a time (buckets split tensors). Updates
+    with state (an anchor, outer momentum) also hear when the workers agree and when a sync
+    begins; both hooks do nothing here.
+    """
+
+    def apply(self, index: int, start: int, local: torch.Tensor, reduced: torch.Tensor,
+              out: torch.Tensor) -> None:
+        """Write the new value of elements ``start:start+numel`` of tensor ``index``.
+
+        ``local`` holds this worker's values before the sync, ``reduced`` what the reducer
+        returned and ``out`` is where the result goes (may be ``local`` itself).
+        """
+        raise NotImplementedError
+
+    def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
+        """Every worker holds ``params`` after ``step`` steps, and local steps follow."""
+
+    def begin(self, step: int, inner_lr: float) -> None:
+        """A global sync of the state after ``step`` steps is about to be applied; the last
+        local step ran at learning rate ``inner_lr``."""

@@ -1,0 +1,136 @@
+"""An outer optimizer on the averaged pseudo-gradient: SlowMo, DiLoCo and plain averaging.
+
+Every worker keeps the anchor theta_a, the model all workers agreed on when the current
+local period began. At a global sync the pseudo-gradient is Delta = theta_a - avg(theta_i),
+and with gamma the inner learning rate of the last local step (SlowMo's convention,
+``sync.outer.scale_by_inner_lr``):
+
+    u       <- beta * u + Delta / gamma
+    d       =  Delta / gamma + beta * u        (Nesterov)   or   u
+    theta_a <- theta_a - alpha * gamma * d     and every worker takes theta_a
+
+alpha = ``sync.outer.lr``, beta = ``sync.outer.momentum``. alpha=1, beta=0 is plain
+averaging (to round-off). With a constant inner learning rate the convention does not
+matter; with ``scale_by_inner_lr=false`` gamma is 1, which is DiLoCo's (and torchft's) outer
+SGD on Delta. The step happens at global syncs only: intra-node averages of hierarchical
+SGD stay plain, and the evaluation copy is the plain average of the workers.
+
+Memory: the anchor is one copy of the parameters and the momentum another (none when
+beta=0), on the model's device or, with ``state_device=cpu``, in host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from localsgd.registry import Facts, need
+from localsgd.sync.parts import UPDATES
+from localsgd.sync.updates.base import Update
+
+
+class StateDevice(str, Enum):
+    model = "model"
+    cpu = "cpu"
+
+
+@dataclass
+class OuterOptimizerKeys:
+    lr: float = 1.0
+    """alpha: outer learning rate (1 with momentum 0 is plain averaging)."""
+    momentum: float = 0.0
+    """beta: outer momentum (SlowMo uses 0.5 or more, DiLoCo 0.9 with Nesterov)."""
+    nesterov: bool = False
+    """Nesterov outer momentum (DiLoCo)."""
+    scale_by_inner_lr: bool = True
+    """Divide the pseudo-gradient by the inner learning rate gamma and step by alpha * gamma
+    (SlowMo); false steps by alpha on the pseudo-gradient itself (DiLoCo, torchft)."""
+    state_device: StateDevice = StateDevice.model
+    """Where the anchor and outer momentum live: model (the parameters' device) or cpu."""
+
+
+@dataclass
+class OuterKeys:
+    outer: OuterOptimizerKeys = field(default_factory=OuterOptimizerKeys)
+    """The outer optimizer of sync.update=outer."""
+
+
+@UPDATES.register
+class Outer(Update):
+    name = "outer"
+    Config = OuterKeys
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        o, problems = cfg.outer, []
+        check = need(problems)
+        check(o.lr > 0, f"sync.outer.lr: must be > 0, got {o.lr}")
+        check(0 <= o.momentum < 1, f"sync.outer.momentum: must be in [0, 1), got {o.momentum}")
+        check(not o.nesterov or o.momentum > 0,
+              "sync.outer.nesterov: Nesterov needs sync.outer.momentum > 0")
+        check(facts.local_steps, f"sync.update: outer steps on model averages, and "
+              f"sync.algorithm={facts.algorithm} never averages models; use local, post_local "
+              "or hierarchical")
+        return problems
+
+    def __init__(self, cfg: Any) -> None:
+        o = cfg.outer
+        self.lr, self.beta, self.nesterov = float(o.lr), float(o.momentum), bool(o.nesterov)
+        self.scaled = bool(o.scale_by_inner_lr)
+        self.on_cpu = StateDevice(o.state_device) == StateDevice.cpu
+        self.anchor: list[torch.Tensor] = []
+        """Per parameter, flat."""
+        self.velocity: list[torch.Tensor] = []
+        self.anchor_step = -1
+        """The step after which the anchor was last set."""
+        self.gamma = 1.0
+
+    def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
+        if step == self.anchor_step:
+            return  # the sync that just ended wrote the anchor already
+        device = torch.device("cpu") if self.on_cpu else None
+        self.anchor = [p.detach().reshape(-1).to(device or p.device, copy=True) for p in params]
+        if self.beta > 0 and not self.velocity:
+            self.velocity = [torch.zeros_like(a) for a in self.anchor]
+        self.anchor_step = step
+
+    def begin(self, step: int, inner_lr: float) -> None:
+        if not self.anchor:
+            raise RuntimeError("sync.update=outer has no anchor: SyncController.begin() must "
+                               "run before the first step")
+        if self.scaled and not inner_lr > 0:
+            raise RuntimeError(f"sync.outer.scale_by_inner_lr needs a positive inner learning "
+                               f"rate, got {inner_lr} at step {step}")
+        self.gamma = inner_lr if self.scaled else 1.0
+        self.anchor_step = step
+
+    def apply(self, index: int, start: int, local: torch.Tensor, reduced: torch.Tensor,
+              out: torch.Tensor) -> None:
+        n = reduced.numel()
+        anchor = self.anchor[index][start:start + n]
+        grad = anchor.sub(reduced.to(anchor.device)).div_(self.gamma)
+        if self.beta > 0:
+            u = self.velocity[index][start:start + n]
+            u.mul_(self.beta).add_(grad)
+            step = grad.add_(u, alpha=self.beta) if self.nesterov else u
+        else:
+            step = grad
+        anchor.sub_(step, alpha=self.lr * self.gamma)
+        out.copy_(anchor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchor": self.anchor, "velocity": self.velocity,
+                "anchor_step": self.anchor_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        device = torch.device("cpu") if self.on_cpu else None
+        self.anchor = [t.to(device or t.device) for t in state["anchor"]]
+        self.velocity = [t.to(device or t.device) for t in state["velocity"]]
+        if self.beta > 0 and self.anchor and not self.velocity:
+            self.velocity = [torch.zeros_like(a) for a in self.anchor]
+        self.anchor_step = int(state["anchor_step"])
