@@ -1,0 +1,28 @@
+"""Named sets of sync variants, as recipe overrides on top of ``recipes/quickstart.yaml``.
+
+Shared by ``accuracy_study.py`` (accuracy over seeds on loopback) and
+``multinode/tta_cifar.py`` (time to accuracy over an emulated slow link), so both compare
+the same settings. Post-local variants take their switch point from the caller's schedule.
+"""
+
+from __future__ import annotations
+
+MINIBATCH = ["sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=null"]
+POST_LOCAL_H16 = ["sync.algorithm=post_local", "sync.period=16"]
+
+PRESETS: dict[str, dict[str, list[str]]] = {
+    # Overlapped averaging (sync.overlap_steps = tau) against blocking, post-local H=8.
+    "overlap": {f"tau{t}": [f"sync.overlap_steps={t}"] for t in (0, 1, 4, 8)},
+    # Outer optimizers and the QSR period rule against plain post-local and mini-batch SGD.
+    "outer": {
+        "minibatch": MINIBATCH,
+        "post_local_h16": POST_LOCAL_H16,
+        "slowmo": [*POST_LOCAL_H16, "sync.update=outer", "sync.outer.momentum=0.5"],
+        "diloco": [*POST_LOCAL_H16, "optim.name=adamw", "optim.base_lr=0.001",
+                   "optim.weight_decay=0.01", "sync.update=outer", "sync.outer.lr=0.7",
+                   "sync.outer.momentum=0.9", "sync.outer.nesterov=true",
+                   "sync.outer.scale_by_inner_lr=false"],
+        # H = max(16, (0.8 / lr)^2): 16 at the 2-worker peak LR of 0.2, 1600 after decay.
+        "qsr": [*POST_LOCAL_H16, "sync.period_rule=qsr", "sync.qsr_alpha=0.8"],
+    },
+}
