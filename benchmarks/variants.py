@@ -11,6 +11,8 @@ MINIBATCH = ["sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=nul
 POST_LOCAL_H16 = ["sync.algorithm=post_local", "sync.period=16"]
 
 PRESETS: dict[str, dict[str, list[str]]] = {
+    # The paper's comparison.
+    "paper": {"minibatch": MINIBATCH, "post_local": POST_LOCAL_H16},
     # Overlapped averaging (sync.overlap_steps = tau) against blocking, post-local H=8.
     "overlap": {f"tau{t}": [f"sync.overlap_steps={t}"] for t in (0, 1, 4, 8)},
     # Outer optimizers and the QSR period rule against plain post-local and mini-batch SGD.

@@ -1,11 +1,14 @@
-"""Time-to-accuracy on real CIFAR-10 over a slow link: mini-batch vs post-local SGD (root only).
+"""Time-to-accuracy on real CIFAR-10 over a slow link: sync variants side by side (root only).
 
     sudo python benchmarks/multinode/tta_cifar.py [--rate 20mbit --target 0.30]
+    sudo python benchmarks/multinode/tta_cifar.py --preset outer
 
 ResNet-20, 2 emulated nodes x 1 worker (``netem.py``), a short schedule that fits a 2-core
-machine. Both runs share seed, data subset and LR schedule; post-local switches to H-step
-local SGD after the first epoch. Writes ``results/tta-<stamp>.json`` and the plots of
-``localsgd plot`` (accuracy vs epoch / wall time / bytes) into ``results/tta-<stamp>/``.
+machine. The runs are the preset's variants (``benchmarks/variants.py``: ``paper`` is
+mini-batch against post-local SGD, ``outer`` adds SlowMo, DiLoCo and QSR); all share seed,
+data subset and LR schedule, and post-local variants switch after the first epoch. Writes
+``results/tta-<stamp>.json`` and the plots of ``localsgd plot`` (accuracy vs epoch / wall
+time / bytes) into ``results/tta-<stamp>/``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import netem  # noqa: E402 - a sibling script, not an installed package
+from variants import PRESETS  # noqa: E402 - likewise
 
 HERE = Path(__file__).resolve().parent
 RECIPE = netem.REPO / "recipes" / "quickstart.yaml"
@@ -53,17 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-subset", type=int, default=5000)
     ap.add_argument("--test-subset", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--period", type=int, default=16)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     ap.add_argument("--target", type=float, default=0.30)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    runs = {
-        # The base recipe is post-local; its period and switch point are invalid for minibatch.
-        "minibatch": ["sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=null"],
-        "post_local": ["sync.algorithm=post_local", "sync.switch_epoch=1",
-                       f"sync.period={args.period}"],
-    }
+    runs = {name: [*overrides, *(["sync.switch_epoch=1"]
+                                 if "sync.algorithm=post_local" in overrides else [])]
+            for name, overrides in PRESETS[args.preset].items()}
     work = Path("/tmp") / f"lsgd-tta-{stamp}"
     rows: dict[str, dict[str, Any]] = {}
     try:

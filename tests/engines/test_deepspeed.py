@@ -181,3 +181,17 @@ def test_contradicting_micro_batch_exits_2(tmp_path: Path) -> None:
     assert_config_failure(tmp_path, config, "train.max_steps=2", needles=[
         "engine.deepspeed_config", str(config), "train_micro_batch_size_per_gpu=7",
         "data.batch_size=16"])
+
+
+def test_outer_nesterov_with_inner_adamw_equals_ddp(tmp_path: Path) -> None:
+    """The DiLoCo combination on both engines: the outer step runs on DeepSpeed's masters
+    and Adam's moments are averaged with the parameters."""
+    diloco = [*LOCAL, "optim.name=adamw", "optim.base_lr=0.002", "sync.update=outer",
+              "sync.outer.lr=0.7", "sync.outer.momentum=0.9", "sync.outer.nesterov=true",
+              "sync.momentum=average"]
+    ref = train(tmp_path / "ddp", *diloco)
+    ds = train(tmp_path / "ds", *diloco, *deepspeed(FP32))
+    assert comm(ds, "grad") == comm(ref, "grad") == (0, 0)
+    assert comm(ds, "average") == comm(ref, "average")
+    a, b = final_model(tmp_path / "ddp"), final_model(tmp_path / "ds")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

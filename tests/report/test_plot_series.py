@@ -83,3 +83,16 @@ def test_a_sync_and_the_final_average_at_one_step_are_both_drawn(tmp_path: Path)
     run = _run(tmp_path / "o", records)
     assert collect_series([run])["consensus_vs_step"]["o (local)"] == (
         [4.0, 8.0, 8.0], [0.5, 0.4, 0.1])
+
+
+def test_consensus_plot_carries_the_period_of_each_sync(tmp_path: Path) -> None:
+    syncs = [{"event": "sync", "step": st, "sync/action": "global",
+              "sync/consensus_distance": 0.1 * st, "sync/period": per}
+             for st, per in ((4, 4), (8, 4), (24, 16))]
+    old = {"event": "sync", "step": 4, "sync/action": "global", "sync/consensus_distance": 0.5}
+    data = collect_series([_run(tmp_path / "qsr", [_epoch(1, 0.5), *syncs]),
+                           _run(tmp_path / "old", [_epoch(1, 0.5), old])])
+    assert data["consensus_vs_step+sync/period"] == {"qsr (local)": ([4, 8, 24], [4, 4, 16])}
+    assert set(data["consensus_vs_step"]) == {"qsr (local)", "old (local)"}
+    assert plot_runs([str(tmp_path / "qsr"), str(tmp_path / "old")], str(tmp_path / "out")) == 0
+    assert (tmp_path / "out" / "consensus_vs_step.png").stat().st_size > 0

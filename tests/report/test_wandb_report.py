@@ -22,11 +22,12 @@ def test_panels_axes_and_metrics() -> None:
     got = {(p.x, tuple(p.y)) for p in panels}
     assert got == {("epoch", ("eval/acc",)), ("time/wall_s", ("eval/acc",)),
                    ("comm/bytes", ("eval/acc",)), ("epoch", ("train/loss",)),
-                   ("step", ("sync/consensus_distance",))}
+                   ("step", ("sync/consensus_distance",)), ("step", ("sync/period",))}
     assert len(panels) == len(PANELS)
     # The serialised panels name our history keys, not W&B's "_step" row counter.
     configs = [p._to_model().config for p in panels]
-    assert [c.x_axis for c in configs] == ["epoch", "time/wall_s", "comm/bytes", "epoch", "step"]
+    assert [c.x_axis for c in configs] == ["epoch", "time/wall_s", "comm/bytes", "epoch", "step",
+                                           "step"]
     assert all(c.metrics for c in configs)
 
 

@@ -163,3 +163,18 @@ def test_bad_outer_settings_are_one_line_each(overrides: list[str], text: str) -
 def test_outer_keys_without_the_outer_update_warn() -> None:
     with pytest.warns(UserWarning, match="sync.outer: has no effect with sync.update=copy"):
         load_config(None, ["sync.algorithm=local", "sync.outer.lr=0.5"])
+
+
+def test_overlapped_outer_step_lands_as_a_correction() -> None:
+    """tau=1: the outer step on the snapshots' mean lands one step later, keeping the local
+    progress: theta <- theta + (anchor_new - snapshot)."""
+    cfg = sync(algorithm="local", period=3, overlap_steps=1, **outer(lr=0.7, momentum=0.9,
+                                                                    nesterov=True))
+    workers, _ = run_workers(cfg, steps=5, lr_at=lr_at)
+    gamma = lr_at(2)
+    snap_mean = np.mean([w.after[2].numpy() for w in workers], axis=0)  # sent after step 3
+    g = (start_params() - snap_mean) / gamma
+    anchor_new = start_params() - 0.7 * gamma * (g + 0.9 * g)
+    for w in workers:
+        want = w.before[3].numpy() + (anchor_new - w.after[2].numpy())
+        np.testing.assert_allclose(w.after[3].numpy(), want, rtol=0, atol=1e-12)

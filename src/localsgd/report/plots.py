@@ -6,6 +6,7 @@ notebooks can check exactly what a figure shows without reading pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ class PlotSpec:
     ylabel: str
     x_scale: float = 1.0
     """Drawn x = recorded x / x_scale (bytes shown as MiB); series keep recorded units."""
+    y2: str | None = None
+    """A second metric of the same records, drawn dashed against a right-hand axis."""
+    y2label: str = ""
 
 
 PLOTS: tuple[PlotSpec, ...] = (
@@ -49,8 +53,16 @@ PLOTS: tuple[PlotSpec, ...] = (
              "epoch", "training loss (epoch mean)"),
     PlotSpec("consensus_vs_step", "sync", "step", "sync/consensus_distance",
              "Consensus distance at each model average", "optimizer step",
-             "mean distance of workers to their average"),
+             "mean distance of workers to their average", y2="sync/period",
+             y2label="local steps in the period that ended (dashed)"),
 )
+
+
+def secondary(spec: PlotSpec) -> PlotSpec | None:
+    """The spec of ``spec``'s right-hand series, keyed ``<name>+<y2>`` in collect_series."""
+    if spec.y2 is None:
+        return None
+    return dataclasses.replace(spec, name=f"{spec.name}+{spec.y2}", y=spec.y2, y2=None)
 
 # The record that identifies a point: a resumed run appends re-done epochs and syncs to
 # metrics.jsonl, and the later record of the same epoch/step replaces the earlier one.
@@ -86,7 +98,8 @@ def _series(records: list[dict[str, Any]], spec: PlotSpec) -> Series:
 
 def collect_series(run_dirs: list[str | Path]) -> dict[str, dict[str, Series]]:
     """{plot name: {run label: (xs, ys)}}; runs without data for a plot are left out."""
-    out: dict[str, dict[str, Series]] = {spec.name: {} for spec in PLOTS}
+    specs = [*PLOTS, *(s for s in map(secondary, PLOTS) if s is not None)]
+    out: dict[str, dict[str, Series]] = {spec.name: {} for spec in specs}
     labels: set[str] = set()
     for raw in run_dirs:
         run_dir = Path(raw)
@@ -101,14 +114,15 @@ def collect_series(run_dirs: list[str | Path]) -> dict[str, dict[str, Series]]:
         if label in labels:
             label = f"{run_dir} ({algorithm})"
         labels.add(label)
-        for spec in PLOTS:
+        for spec in specs:
             xs, ys = _series(records, spec)
             if xs:
                 out[spec.name][label] = (xs, ys)
     return out
 
 
-def draw(spec: PlotSpec, series: dict[str, Series]) -> Figure:
+def draw(spec: PlotSpec, series: dict[str, Series],
+         right: dict[str, Series] | None = None) -> Figure:
     """One figure with a line per run, on the Agg canvas.
 
     Built without pyplot: no global backend switch, no figure registry to leak from.
@@ -119,8 +133,17 @@ def draw(spec: PlotSpec, series: dict[str, Series]) -> Figure:
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    colors = {}
     for label, (xs, ys) in series.items():
-        ax.plot([x / spec.x_scale for x in xs], ys, marker="o", markersize=3, label=label)
+        (line,) = ax.plot([x / spec.x_scale for x in xs], ys, marker="o", markersize=3,
+                          label=label)
+        colors[label] = line.get_color()
+    if right:
+        twin = ax.twinx()
+        for label, (xs, ys) in right.items():
+            twin.step([x / spec.x_scale for x in xs], ys, where="pre", linestyle="--",
+                      alpha=0.6, color=colors.get(label))
+        twin.set_ylabel(spec.y2label)
     ax.set_title(spec.title)
     ax.set_xlabel(spec.xlabel)
     ax.set_ylabel(spec.ylabel)
@@ -141,7 +164,8 @@ def write_plots(run_dirs: list[str | Path], out: str | Path | None = None) -> li
         if not data[spec.name]:
             continue  # e.g. consensus distance of mini-batch SGD runs, which never average
         path = out_dir / f"{spec.name}.png"
-        draw(spec, data[spec.name]).savefig(path, dpi=120)
+        extra = secondary(spec)
+        draw(spec, data[spec.name], data[extra.name] if extra else None).savefig(path, dpi=120)
         written.append(path)
     if not written:
         raise PlotError("no epoch or sync records yet in " + ", ".join(map(str, run_dirs)))

@@ -32,6 +32,7 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Training loss (epoch mean) vs epoch", "epoch", ("train/loss",)),
     PanelSpec("Consensus distance at each average vs step", "step",
               ("sync/consensus_distance",)),
+    PanelSpec("Local steps per period vs step", "step", ("sync/period",)),
 )
 
 def build_report(project: str, entity: str | None, group: str,
