@@ -1,4 +1,8 @@
-"""Command line: ``localsgd {train,check,plot,report}``; torchrun runs ``train`` per worker."""
+"""Command line: ``localsgd {run,study,train,check,plot,report}``.
+
+``run`` launches a job (torchrun with the recipe checked first), ``study`` runs a grid of
+them; every worker runs ``train``.
+"""
 
 from __future__ import annotations
 
@@ -113,8 +117,17 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        # torchrun's own parser reads everything after "run" (see launch/run.py).
+        from localsgd.launch.run import run_main
+
+        return run_main(argv[1:])
     parser = argparse.ArgumentParser(prog="localsgd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="launch a job: localsgd run [torchrun options] RECIPE "
+                               "[dotted.key=value ...]", add_help=False)
+    p = sub.add_parser("study", help="run a grid of recipe variants and compare them")
+    p.add_argument("study")
     p = sub.add_parser("train", help="train (under torchrun: one process per worker)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -135,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return train_main([args.recipe, *args.overrides])
     if args.command == "check":
         return _check(args)
+    if args.command == "study":
+        from localsgd.study import study_main
+
+        return study_main(args.study)
     if args.command == "plot":
         from localsgd.report.plots import plot_runs
 

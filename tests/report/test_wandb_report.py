@@ -18,7 +18,10 @@ def _grid(report: Any) -> Any:
 
 def test_panels_axes_and_metrics() -> None:
     report = build_report("localsgd", "team", "cifar10-resnet20")
-    panels = _grid(report).panels
+    panels = [p for p in _grid(report).panels if isinstance(p, wr.LinePlot)]
+    scatters = [p for p in _grid(report).panels if isinstance(p, wr.ScatterPlot)]
+    assert {(p.x, p.y) for p in scatters} == {("comm/bytes", "eval/acc"),
+                                              ("time/wall_s", "eval/acc")}
     got = {(p.x, tuple(p.y)) for p in panels}
     assert got == {("epoch", ("eval/acc",)), ("time/wall_s", ("eval/acc",)),
                    ("comm/bytes", ("eval/acc",)), ("epoch", ("train/loss",)),

@@ -104,27 +104,32 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a recipe; a top-level ``base: other.yaml`` (relative to it) is merged underneath."""
+def read_mapping(p: Path, what: str = "recipe", hint: str = "") -> dict[str, Any]:
+    """A YAML file holding a mapping, or one ConfigError naming the file and the fix."""
+    example = "recipes/quickstart.yaml" if what == "recipe" else "recipes/studies/*.yaml"
     if not p.is_file():
-        hint = f" (named by 'base' in {seen[-1]})" if seen else ""
-        raise ConfigError([f"recipe file '{p}'{hint} does not exist; pass the path of a YAML "
-                           "file such as recipes/quickstart.yaml"])
-    if p.resolve() in seen:
-        raise ConfigError([f"base: recipe '{p}' includes itself"])
+        raise ConfigError([f"{what} file '{p}'{hint} does not exist; pass the path of a YAML "
+                           f"file such as {example}"])
     try:
         loaded = yaml.load(p.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"recipe file '{p}' is not UTF-8 text (byte {exc.start} cannot be "
-                           "decoded); pass a YAML recipe such as recipes/quickstart.yaml"]
-                          ) from None
+        raise ConfigError([f"{what} file '{p}' is not UTF-8 text (byte {exc.start} cannot be "
+                           f"decoded); pass a YAML {what} such as {example}"]) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"recipe file '{p}' is not valid YAML{at}: {what}"]) from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{what} file '{p}' is not valid YAML{at}: {problem}"]) from None
     if not isinstance(loaded, dict):
-        raise ConfigError([f"recipe file '{p}' must hold a mapping of keys to values"])
+        raise ConfigError([f"{what} file '{p}' must hold a mapping of keys to values"])
+    return loaded
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe; a top-level ``base: other.yaml`` (relative to it) is merged underneath."""
+    if p.resolve() in seen:
+        raise ConfigError([f"base: recipe '{p}' includes itself"])
+    loaded = read_mapping(p, hint=f" (named by 'base' in {seen[-1]})" if seen else "")
     base = loaded.pop("base", None)
     if base is None:
         return loaded

@@ -35,6 +35,12 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Local steps per period vs step", "step", ("sync/period",)),
 )
 
+# The study's frontier: one point per run, from the runs' summaries.
+FRONTIER: tuple[tuple[str, str, str], ...] = (
+    ("Final test accuracy vs bytes per worker (one point per run)", "comm/bytes", "eval/acc"),
+    ("Final test accuracy vs training time (one point per run)", "time/wall_s", "eval/acc"),
+)
+
 def build_report(project: str, entity: str | None, group: str,
                  title: str | None = None) -> Any:
     """The report object: one panel grid over the runs of ``group`` in ``project``.
@@ -54,7 +60,8 @@ def build_report(project: str, entity: str | None, group: str,
     panels = [
         wr.LinePlot(title=p.title, x=p.x, y=list(p.y), layout=wr.Layout(w=12, h=8))
         for p in PANELS
-    ]
+    ] + [wr.ScatterPlot(title=title, x=x, y=y, layout=wr.Layout(w=12, h=8))
+         for title, x, y in FRONTIER]
     return wr.Report(
         project=project,
         entity=entity or "",
@@ -63,8 +70,10 @@ def build_report(project: str, entity: str | None, group: str,
         blocks=[
             wr.MarkdownBlock(text=(
                 "Test accuracy against epochs, training time and communicated bytes, the "
-                "training loss and the consensus distance (mean distance of the worker "
-                "models to their average, measured at every model average).")),
+                "training loss, the consensus distance (mean distance of the worker "
+                "models to their average, measured at every model average) and the length "
+                "of each local period; then every run's final accuracy against its bytes "
+                "and its training time (the frontier of a study).")),
             wr.PanelGrid(runsets=[runset], panels=panels),
         ],
     )

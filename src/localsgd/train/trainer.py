@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -87,8 +88,6 @@ class Trainer:
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
         self._make_run_dir()
-        if info.is_main:
-            tqdm.write(f"resolved recipe:\n{to_yaml(cfg)}")
         self._load_data()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.dtype = getattr(torch, cfg.model.dtype.value)
@@ -169,7 +168,7 @@ class Trainer:
                 self.scheduler.step()
         self.meter.load_state_dict(state["meter"])
         set_rng_state(state["rng"])
-        if self.info.is_main:
+        if self.info.is_main and not self._done():
             tqdm.write(f"resumed from step {self.controller.step} (epoch {self.state.epoch}, "
                        f"written by {old_world} workers, now {self.info.world_size})")
 
@@ -180,6 +179,13 @@ class Trainer:
             max_steps is not None and self.controller.step >= max_steps)
 
     def train(self) -> dict[str, Any]:
+        finished = self.controller.step > 0 and self._done()
+        if finished and self._agree(not self.info.is_main
+                                    or (self.run_dir / "summary.json").is_file()):
+            self._already_complete()
+            return {}
+        if self.info.is_main:
+            tqdm.write(f"resolved recipe:\n{to_yaml(self.cfg)}")
         start = time.perf_counter() - self.state.elapsed
         while not self._done():
             self._train_epoch(start)
@@ -187,7 +193,23 @@ class Trainer:
         events = self.controller.pop_events()
         if events:
             self._log_syncs(events, self._mean_over_ranks([e.distance for e in events]))
+        if finished:
+            # Stopped after its last checkpoint but before its summary: evaluate, then write it.
+            self._evaluate()
         return self._finish(time.perf_counter() - start)
+
+    def _already_complete(self) -> None:
+        """A re-launch of a finished run: one line, nothing rewritten."""
+        if not self.info.is_main:
+            return
+        acc: Any = None
+        try:
+            acc = json.loads((self.run_dir / "summary.json").read_text()).get("eval/acc")
+        except (OSError, ValueError):
+            pass
+        shown = f"final eval/acc {acc:.4f}" if isinstance(acc, float) else "no summary.json"
+        print(f"localsgd: {self.run_dir} is already complete (step {self.controller.step}, "
+              f"{shown}); to train again use run.resume=false or another run.dir", flush=True)
 
     def close(self) -> None:
         """Flush and close the sinks, also when training stopped on an error."""

@@ -1,0 +1,116 @@
+"""A study's comparison: one row per variant (mean and spread over its seeds), as
+``study.csv`` and ``study.md``, and frontier plots of accuracy against bytes and time."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from localsgd.study.spec import Study
+
+COLUMNS = ("variant", "runs", "failed", "final_acc_mean", "final_acc_std", "best_acc_mean",
+           "best_acc_std", "mib_per_worker_mean", "wall_s_mean", "wall_s_std",
+           "time_to_target_s_mean", "reached_target")
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def variant_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant, in the order the variants first appear."""
+    order: list[str] = []
+    runs: dict[str, list[dict[str, Any]]] = {}
+    failed: dict[str, int] = {}
+    for r in records:
+        v = r["variant"]
+        if v not in order:
+            order.append(v)
+        if r["status"] != "complete":
+            failed[v] = failed.get(v, 0) + 1
+            continue
+        runs.setdefault(v, []).append(
+            json.loads((Path(r["run_dir"]) / "summary.json").read_text()))
+    rows = []
+    for v in order:
+        got = runs.get(v, [])
+        acc = _mean_std([s["eval/acc"] for s in got if s.get("eval/acc") is not None])
+        best = _mean_std([s["eval/best_acc"] for s in got])
+        wall = _mean_std([s["time/wall_s"] for s in got])
+        reached = [s["time/to_target_s"] for s in got if s.get("time/to_target_s") is not None]
+        rows.append({
+            "variant": v, "runs": len(got), "failed": failed.get(v, 0),
+            "final_acc_mean": acc[0], "final_acc_std": acc[1],
+            "best_acc_mean": best[0], "best_acc_std": best[1],
+            "mib_per_worker_mean": _mean_std([s["comm/bytes"] / 2**20 for s in got])[0],
+            "wall_s_mean": wall[0], "wall_s_std": wall[1],
+            "time_to_target_s_mean": _mean_std(reached)[0],
+            "reached_target": f"{len(reached)}/{len(got)}"})
+    return rows
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| variant | runs | final acc | best acc | MiB sent / worker | wall s | "
+             "time to target s (reached) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        lines.append(
+            f"| {r['variant']} | {runs} | {_fmt(r['final_acc_mean'])} +- "
+            f"{_fmt(r['final_acc_std'])} | {_fmt(r['best_acc_mean'])} +- "
+            f"{_fmt(r['best_acc_std'])} | {_fmt(r['mib_per_worker_mean'], 1)} | "
+            f"{_fmt(r['wall_s_mean'], 1)} +- {_fmt(r['wall_s_std'], 1)} | "
+            f"{_fmt(r['time_to_target_s_mean'], 1)} ({r['reached_target']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _frontier(rows: list[dict[str, Any]], x: str, xerr: str | None, xlabel: str,
+              title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in rows:
+        if r["final_acc_mean"] is None or r[x] is None:
+            continue
+        ax.errorbar(r[x], r["final_acc_mean"], yerr=r["final_acc_std"],
+                    xerr=r[xerr] if xerr else None, fmt="o", capsize=3, label=r["variant"])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final test accuracy (mean +- std over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def write_results(study: Study, records: list[dict[str, Any]]) -> list[Path]:
+    """study.csv, study.md and (with matplotlib) the two frontier plots; returns the paths."""
+    rows = variant_rows(records)
+    out = study.dir
+    with (out / "study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "study.md").write_text(f"# Study {study.name}\n\n{markdown(rows)}")
+    written = [out / "study.csv", out / "study.md"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return written
+    _frontier(rows, "mib_per_worker_mean", None, "data sent per worker (MiB)",
+              f"{study.name}: accuracy vs communication", out / "frontier_bytes.png")
+    _frontier(rows, "wall_s_mean", "wall_s_std", "wall-clock training time (s)",
+              f"{study.name}: accuracy vs time", out / "frontier_time.png")
+    return [*written, out / "frontier_bytes.png", out / "frontier_time.png"]
