@@ -75,6 +75,8 @@ def train_main(argv: list[str], observers: list[Any] | None = None) -> int:
     from localsgd.train.trainer import Trainer, TrainingError
 
     warnings.filterwarnings("ignore", message=".*epoch parameter in `scheduler.step", )
+    # With fp16 the gradient scaler skips a step now and then, on purpose (engines/precision.py).
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
     trainer: Trainer | None = None
     try:
         info = init_distributed(cfg.dist)

@@ -45,6 +45,8 @@ class Facts:
     """Workers per node (torchrun --nproc-per-node); known at launch only."""
     optimizer: str = "sgd"
     """optim.name: the inner optimizer."""
+    precision: str = "fp32"
+    """model.precision."""
 
 
 class Part:

@@ -77,7 +77,7 @@ def build(config: str, info: Any) -> tuple[Any, nn.Module, CommMeter]:
     engine = build_engine(EngineConfig(name="deepspeed", deepspeed_config=config),
                           EngineContext(model, optimizer, info, meter, Facts(
                               epochs=1, micro_batch=MICRO, grad_accum=ACCUM, local_steps=True,
-                              world_size=info.world_size)))
+                              world_size=info.world_size, precision="bf16")))
     return engine, model, meter
 
 

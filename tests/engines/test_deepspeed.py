@@ -102,7 +102,7 @@ def test_local_sgd_accounting_equals_ddp(tmp_path: Path, ddp_local: Path) -> Non
 
 
 def test_bf16_local_sgd_averages_fp32_masters(tmp_path: Path, ddp_local: Path) -> None:
-    ds = train(tmp_path / "ds", *LOCAL, *deepspeed(BF16))
+    ds = train(tmp_path / "ds", *LOCAL, "model.precision=bf16", *deepspeed(BF16))
     ref = summary(ddp_local)
     assert comm(ds, "grad") == (0, 0)
     # The masters are fp32, so averaging moves exactly what the fp32 DDP run moves.
@@ -116,7 +116,8 @@ def test_bf16_local_sgd_averages_fp32_masters(tmp_path: Path, ddp_local: Path) -
 def test_overlapped_averaging_on_bf16_masters(tmp_path: Path, ddp_local: Path) -> None:
     """tau=2 behind local steps on DeepSpeed: the fp32 masters travel, the counts match the
     blocking run plus the final exact average (models differ when training ends)."""
-    ds = train(tmp_path / "ds", *LOCAL, "sync.overlap_steps=2", *deepspeed(BF16))
+    ds = train(tmp_path / "ds", *LOCAL, "sync.overlap_steps=2", "model.precision=bf16",
+               *deepspeed(BF16))
     ref = summary(ddp_local)
     assert comm(ds, "grad") == (0, 0)
     per_average = ref["comm/average/bytes"] // ref["comm/average/calls"]

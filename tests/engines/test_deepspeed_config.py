@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,8 +47,10 @@ def test_shipped_configs_exist_and_are_plain_deepspeed_json() -> None:
     "sync.algorithm=post_local", "sync.period=4", "sync.switch_step=3"]],
     ids=["minibatch", "local", "post_local"])
 def test_shipped_configs_pass_for_every_algorithm(path: Path, overrides: list[str]) -> None:
+    precision = "bf16" if "bf16" in path.name else "fp32"
     cfg = load_config(None, ["engine.name=deepspeed", f"engine.deepspeed_config={path}",
-                             "data.batch_size=16", "train.grad_accum=2", *overrides])
+                             "data.batch_size=16", "train.grad_accum=2",
+                             f"model.precision={precision}", *overrides])
     assert check_engine(cfg.engine, facts(cfg, world_size=4)) == ([], [])
 
 
@@ -181,3 +184,23 @@ def test_missing_deepspeed_is_a_config_error_with_install_hint(
         DeepSpeedEngine(cfg, EngineContext(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                            info, CommMeter(), at(16, 1, 1)))
     assert err.value.problems[0].startswith("engine.name: deepspeed needs DeepSpeed")
+
+
+@pytest.mark.parametrize(("json_ds", "precision", "message"), [
+    ({"bf16": {"enabled": True}}, "fp32", "model.precision: fp32, but"),
+    ({"torch_autocast": {"enabled": True}}, "fp32", "model.precision: fp32, but"),
+    ({"bf16": {"enabled": False}}, "bf16", "model.precision: bf16, but"),
+    ({}, "fp16", "model.precision: fp16 is not supported by the deepspeed engine"),
+])
+def test_json_precision_must_follow_the_recipe(tmp_path: Path, json_ds: dict, precision: str,
+                                               message: str) -> None:
+    facts = dataclasses.replace(at(8, 1), precision=precision)
+    problems = check_deepspeed_config(engine(tmp_path, json_ds), facts)
+    assert [p for p in problems if p.startswith(message)], problems
+
+
+def test_bf16_precision_fills_a_json_without_a_bf16_section(tmp_path: Path) -> None:
+    facts = dataclasses.replace(at(8, 1), precision="bf16")
+    resolved = resolve_deepspeed_config(engine(tmp_path, {"zero_optimization": {"stage": 0}}),
+                                        facts)
+    assert resolved["bf16"] == {"enabled": True}

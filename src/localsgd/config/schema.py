@@ -31,6 +31,12 @@ class DType(str, Enum):
     float64 = "float64"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class DatasetName(str, Enum):
     cifar10 = "cifar10"
     cifar100 = "cifar100"
@@ -75,6 +81,10 @@ class ModelConfig:
     """Architecture; CIFAR ResNets have depth 6n+2."""
     dtype: DType = DType.float32
     """Parameter dtype; float64 makes equivalence checks immune to float32 rounding."""
+    precision: Precision = Precision.fp32
+    """Compute precision of forward and backward: fp32, or bf16/fp16 mixed precision
+    (autocast on DDP with a per-worker gradient scaler for fp16; DeepSpeed's bf16 section).
+    Parameters, averages, BatchNorm statistics and evaluation stay fp32."""
 
 
 @dataclass

@@ -13,7 +13,9 @@ from localsgd.config.schema import (
     MIN_SYNTHETIC_SAMPLES,
     Backend,
     Device,
+    DType,
     LRDecay,
+    Precision,
 )
 from localsgd.registry import need as needs
 
@@ -35,6 +37,10 @@ def general_rules(cfg: Any) -> list[str]:
         value = getattr(d, key)
         need(value >= least, f"data.{key}: must be >= {least}, got {value}")
 
+    need(cfg.model.precision == Precision.fp32 or cfg.model.dtype == DType.float32,
+         f"model.precision: {cfg.model.precision.value} mixed precision keeps float32 weights "
+         f"(its masters), not {cfg.model.dtype.value}; set model.dtype=float32 or "
+         "model.precision=fp32")
     need(o.base_lr > 0, f"optim.base_lr: must be > 0, got {o.base_lr}")
     need(o.base_batch_size >= 1, f"optim.base_batch_size: must be >= 1, got {o.base_batch_size}")
     need(0 <= o.momentum < 1, f"optim.momentum: must be in [0, 1), got {o.momentum}")

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from localsgd.engines.base import EnginePart, momentum_tensors
+from localsgd.engines.precision import Autocast
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.sync.accounting import CommMeter
 
@@ -83,6 +84,7 @@ class DDPEngine(EnginePart):
             gradient_as_bucket_view=True,
         )
         self.wrapped.register_comm_hook(_HookState(meter, info.world_size), _counting_allreduce)
+        self.amp = Autocast(ctx.facts.precision, info.device)
 
     def train(self, mode: bool = True) -> None:
         self.wrapped.train(mode)
@@ -94,12 +96,13 @@ class DDPEngine(EnginePart):
         self.wrapped.require_backward_grad_sync = grad_sync
         rebuilt = self.wrapped._has_rebuilt_buckets
         with timer.phase("forward"):
-            logits = self.wrapped(x)
+            with self.amp.forward():
+                logits = self.wrapped(x).float()
             loss = loss_fn(logits, y)
         if not rebuilt and self.wrapped._has_rebuilt_buckets:
             self._count_bucket_rebuild()
         with timer.phase("backward"):
-            (loss * scale).backward()
+            self.amp.backward(loss * scale)
         return loss.detach(), logits.detach()
 
     def _count_bucket_rebuild(self) -> None:
@@ -114,7 +117,7 @@ class DDPEngine(EnginePart):
         self.meter.record("other", 4 * (num_tensors + 1) + 4 * num_buckets, calls=2)
 
     def optimizer_step(self) -> None:
-        self.optimizer.step()
+        self.amp.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
 
     # SyncTarget
@@ -131,8 +134,10 @@ class DDPEngine(EnginePart):
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.amp.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_state_dict(state.get("scaler", {}))

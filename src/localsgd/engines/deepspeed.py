@@ -25,7 +25,9 @@ Precision. With ``bf16`` the module holds bf16 weights and DeepSpeed's optimizer
 keeps fp32 masters inside the recipe's SGD; ``sync_params`` returns those masters (so
 averages are taken in fp32) and ``after_params_changed`` copies them into the module. The
 module is given hooks that cast floating inputs to bf16 and outputs to fp32, so the trainer's
-loss and evaluation see fp32 logits. ``torch_autocast`` keeps fp32 weights (its own masters).
+loss and evaluation see fp32 logits; its BatchNorm layers compute in fp32 on fp32 running
+statistics (``engines/precision.py``). The JSON's bf16 section follows ``model.precision``.
+``torch_autocast`` keeps fp32 weights (its own masters).
 ZeRO stages 1-2 run mini-batch SGD only; their reductions and gathers count as ``grad``.
 
 At exit, the process groups DeepSpeed cloned are released while Python is still whole (see
@@ -57,6 +59,7 @@ from localsgd.engines.deepspeed_config import (
     resolve_deepspeed_config,
     zero_stage,
 )
+from localsgd.engines.precision import batch_norm_in_fp32
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.registry import Facts
 from localsgd.sync.accounting import CommMeter
@@ -235,6 +238,7 @@ class DeepSpeedEngine(EnginePart):
             module.register_forward_hook(_fp32_output)
         if lp_dtype in (torch.bfloat16, torch.float16):
             module.register_forward_pre_hook(functools.partial(_cast_inputs, lp_dtype))
+            batch_norm_in_fp32(module)
 
     def _master_pairs(self, trainable: list[nn.Parameter]) -> list[tuple[str, torch.Tensor,
                                                                        torch.Tensor]]:

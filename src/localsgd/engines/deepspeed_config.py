@@ -139,6 +139,21 @@ def _reconcile(ds: dict[str, Any], path: str,
             p.append(f"{where} has an '{key}' section, but the recipe's {owner} defines it "
                      f"and is handed to DeepSpeed as is; remove '{key}' from the JSON")
 
+    bf16 = ds.get("bf16", ds.get("bfloat16"))
+    mixed = enabled(bf16) or enabled(ds.get("torch_autocast"))
+    if facts.precision == "fp16":
+        p.append("model.precision: fp16 is not supported by the deepspeed engine: DeepSpeed's "
+                 "CPU accelerator has no fp16 and its loss scaler skips steps per worker; use "
+                 "model.precision=bf16 or fp32")
+    elif mixed and facts.precision != "bf16":
+        p.append(f"model.precision: {facts.precision}, but {where} trains in bf16; set "
+                 "model.precision=bf16, or use a fp32 JSON (deepspeed_configs/zero0_fp32.json)")
+    elif facts.precision == "bf16" and not mixed:
+        if isinstance(bf16, dict) and "enabled" in bf16:
+            p.append(f"model.precision: bf16, but {where} sets bf16.enabled=false; remove it "
+                     "or set it to true")
+        else:
+            out["bf16"] = {**(bf16 if isinstance(bf16, dict) else {}), "enabled": True}
     if enabled(ds.get("fp16")):
         p.append(f"{where} enables fp16, which the deepspeed engine does not support: "
                  "DeepSpeed's CPU accelerator has no fp16 and its loss scaler skips steps per "
