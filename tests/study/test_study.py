@@ -104,3 +104,14 @@ def test_a_study_runs_records_failures_skips_and_resumes(tmp_path: Path) -> None
     assert "localsgd: " + str(out / "local_seed=1") not in again.stdout
     assert json.loads((out / "local_seed=1" / "summary.json").read_text())["eval/acc"] == \
         pytest.approx(accs[1])
+
+
+STUDIES = sorted(p for p in (REPO / "recipes" / "studies").glob("*.yaml")
+                 if not p.name.endswith(".sweep.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_shipped_studies_check_clean(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCALSGD_DATA", str(REPO.parent / "shared" / "data" / "cifar10"))
+    study = load_study(path)
+    assert study.points and check_study(study) == []
