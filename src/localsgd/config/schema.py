@@ -31,6 +31,11 @@ class DType(str, Enum):
     float64 = "float64"
 
 
+class DataPipeline(str, Enum):
+    torchvision = "torchvision"
+    device = "device"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -97,6 +102,11 @@ class DataConfig:
     """Try torchvision's download when the dataset is not under ``root``."""
     batch_size: int = 128
     """Per-worker mini-batch size B_loc; the global batch is world_size * B_loc."""
+    pipeline: DataPipeline = DataPipeline.torchvision
+    """torchvision (default: per-sample PIL transforms in data.num_workers loader processes)
+    or device (CIFAR only: the training set sits on the training device as uint8 and whole
+    batches are cropped, flipped and normalised with tensor ops; the same crops and flips
+    as torchvision's, sample for sample, and the same partition)."""
     augment: bool = True
     """CIFAR augmentation: pad-4 random crop and horizontal flip (normalisation is always on)."""
     num_workers: int = 2

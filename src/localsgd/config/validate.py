@@ -12,6 +12,8 @@ from localsgd.config.schema import (
     MIN_SYNTHETIC_CLASSES,
     MIN_SYNTHETIC_SAMPLES,
     Backend,
+    DataPipeline,
+    DatasetName,
     Device,
     DType,
     LRDecay,
@@ -27,6 +29,10 @@ def general_rules(cfg: Any) -> list[str]:
     need = needs(p)
 
     need(d.batch_size >= 1, f"data.batch_size: must be >= 1, got {d.batch_size}")
+    need(d.pipeline == DataPipeline.torchvision or d.name in (DatasetName.cifar10,
+                                                              DatasetName.cifar100),
+         f"data.pipeline: device holds CIFAR-10/100 on the device, not data.name="
+         f"{d.name.value}; use data.pipeline=torchvision")
     need(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)

@@ -152,6 +152,17 @@ def _check_layout(batch_size: int, rank: int, world_size: int, num_workers: int)
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
 
 
+def check_batches(dataset: Dataset, batch_size: int, world_size: int) -> None:
+    """DataError unless every rank gets at least one full batch per epoch."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if steps_per_epoch(n, batch_size, world_size) == 0:
+        raise DataError(
+            f"the training set has {n} samples, fewer than world_size * batch_size = "
+            f"{world_size} * {batch_size}, so no rank would get a single batch. Fix: lower "
+            f"data.batch_size or raise data.train_subset / data.synthetic_samples."
+        )
+
+
 def build_train_loader(
     dataset: Dataset,
     batch_size: int,
@@ -170,13 +181,7 @@ def build_train_loader(
     yields ``steps_per_epoch(len(dataset), batch_size, world_size)`` full batches per epoch.
     """
     _check_layout(batch_size, rank, world_size, num_workers)
-    n = len(dataset)  # type: ignore[arg-type]
-    if steps_per_epoch(n, batch_size, world_size) == 0:
-        raise DataError(
-            f"the training set has {n} samples, fewer than world_size * batch_size = "
-            f"{world_size} * {batch_size}, so no rank would get a single batch. Fix: lower "
-            f"data.batch_size or raise data.train_subset / data.synthetic_samples."
-        )
+    check_batches(dataset, batch_size, world_size)
     sampler = ResumableDistributedSampler(dataset, world_size, rank, seed, batch_size)  # type: ignore[arg-type]
     sampler.set_epoch(start_epoch)
     sampler.set_resume(start_epoch, skip_batches)

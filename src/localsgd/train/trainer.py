@@ -17,7 +17,15 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from localsgd.config.errors import ConfigError
-from localsgd.data import DataError, build_datasets, build_eval_loader, build_train_loader
+from localsgd.config.schema import DataPipeline
+from localsgd.data import (
+    CIFAR_STATS,
+    DataError,
+    build_datasets,
+    build_eval_loader,
+    build_train_loader,
+)
+from localsgd.data.device import build_device_loader
 from localsgd.engines import EngineContext, build_engine
 from localsgd.launch.env import DistInfo
 from localsgd.models import build_model
@@ -93,9 +101,15 @@ class Trainer:
         self.dtype = getattr(torch, cfg.model.dtype.value)
         self.model = build_model(cfg.model, self.data.num_classes,
                                  self.data.image_size).to(self.device, self.dtype)
-        self.loader, self.sampler = build_train_loader(
-            self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
-            cfg.data.num_workers)
+        if cfg.data.pipeline == DataPipeline.device:
+            mean, std = CIFAR_STATS[cfg.data.name]
+            self.loader, self.sampler = build_device_loader(
+                self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
+                self.device, mean, std, cfg.data.augment)
+        else:
+            self.loader, self.sampler = build_train_loader(
+                self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
+                cfg.data.num_workers)
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise ConfigError([f"train.grad_accum: {cfg.train.grad_accum} micro-batches per "
