@@ -28,7 +28,7 @@ torch.version.cuda, torch.cuda.get_device_name(), 'nccl', torch.cuda.nccl.versio
 tail -1 "$out/env.log"
 step quickstart_1worker 120 $run --standalone --nproc-per-node=1 torchrun_entry.py $q \
     $common run.dir=/tmp/gpu_q1
-step epoch_loader1 150 $py benchmarks/gpu/bench_epoch.py $q --epochs 3 --rounds 1 \
+step epoch_loader1 150 $py benchmarks/bench_epoch.py $q --epochs 3 --rounds 1 \
     --out "$out/epoch_loader1.json"
 step quickstart_2workers 150 $run --standalone --nproc-per-node=2 torchrun_entry.py $q \
     $common run.dir=/tmp/gpu_q2
@@ -39,6 +39,6 @@ step overlap_2workers 150 $run --standalone --nproc-per-node=2 torchrun_entry.py
 step local_4workers 120 $run --standalone --nproc-per-node=4 torchrun_entry.py $q \
     $common sync.algorithm=local sync.period=16 train.epochs=2 lr_schedule.milestones=[1] \
     run.dir=/tmp/gpu_q4
-step epoch_loader6 120 $py benchmarks/gpu/bench_epoch.py $q data.num_workers=6 \
+step epoch_loader6 120 $py benchmarks/bench_epoch.py $q data.num_workers=6 \
     --epochs 3 --rounds 1 --out "$out/epoch_loader6.json"
 for f in "$out"/epoch_*.log; do echo "== $f"; grep -A6 "^| variant" "$f"; done

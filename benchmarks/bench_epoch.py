@@ -1,6 +1,6 @@
 """Epoch time of localsgd's trainer against a minimal hand-written loop, in one process.
 
-    python benchmarks/gpu/bench_epoch.py recipes/quickstart.yaml [key=value ...]
+    python benchmarks/bench_epoch.py recipes/quickstart.yaml [key=value ...] [--variants ...]
 
 Every variant trains the recipe's model on the recipe's training set with the same batch
 size and optimizer, one worker, and times whole epochs after the first (which pays for
@@ -11,6 +11,8 @@ cuDNN autotuning, allocator growth and loader start-up). Variants:
 - ``hand-device-data``: the same loop over batches already on the device, without
   augmentation: the compute bound, so ``hand`` / this shows what the CPU loader costs.
 - ``localsgd``: ``train_main`` with ``sync.algorithm=minibatch`` (one worker: no collective).
+- ``localsgd-bf16``, ``localsgd-device``, ``localsgd-bf16-device``: the same with
+  ``model.precision=bf16`` and/or ``data.pipeline=device``.
 - ``localsgd-synced-timer``: the same, with the phase timer synchronizing the device around
   every phase (how the timer worked before it used CUDA events), to measure that cost.
 
@@ -104,6 +106,12 @@ def hand_loop(cfg, device: torch.device, epochs: int, on_device: bool) -> list[f
     return rates
 
 
+LOCALSGD = {"localsgd": [], "localsgd-synced-timer": [],
+            "localsgd-bf16": ["model.precision=bf16"],
+            "localsgd-device": ["data.pipeline=device"],
+            "localsgd-bf16-device": ["model.precision=bf16", "data.pipeline=device"]}
+
+
 def localsgd_run(recipe: str, overrides: list[str], epochs: int, synced: bool) -> list[float]:
     original = trainer_module.PhaseTimer
     trainer_module.PhaseTimer = SyncedPhaseTimer if synced else original  # type: ignore[misc]
@@ -137,13 +145,17 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     variants = args.variants.split(",")
+    unknown = sorted(set(variants) - {"hand", "hand-device-data", *LOCALSGD})
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from hand, hand-device-data, "
+                     + ", ".join(LOCALSGD))
     rates: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             if v.startswith("hand"):
                 got = hand_loop(cfg, device, args.epochs, on_device=v == "hand-device-data")
             else:
-                got = localsgd_run(args.recipe, args.overrides, args.epochs,
+                got = localsgd_run(args.recipe, [*args.overrides, *LOCALSGD[v]], args.epochs,
                                    synced=v == "localsgd-synced-timer")
             rates[v].extend(got[1:])  # the first epoch warms up
             print(f"round {r} {v}: {[round(x) for x in got]} samples/s", flush=True)
