@@ -3,10 +3,11 @@
     sudo python benchmarks/multinode/tta_cifar.py [--rate 20mbit --target 0.30]
     sudo python benchmarks/multinode/tta_cifar.py --preset outer
 
-ResNet-20, 2 emulated nodes x 1 worker (``netem.py``), a short schedule that fits a 2-core
-machine. The runs are the preset's variants (``benchmarks/variants.py``: ``paper`` is
-mini-batch against post-local SGD, ``outer`` adds SlowMo, DiLoCo and QSR); all share seed,
-data subset and LR schedule, and post-local variants switch after the first epoch. Writes
+ResNet-20, ``--nodes`` emulated nodes (default 2) x 1 worker (``netem.py``), a short
+schedule that fits a 2-core machine. The runs are the preset's variants
+(``benchmarks/variants.py``: ``paper`` is mini-batch against post-local SGD, ``outer`` adds
+SlowMo, DiLoCo and QSR); all share seed, data subset and LR schedule, and post-local
+variants switch after the first epoch. Writes
 ``results/tta-<stamp>.json`` and the plots of ``localsgd plot`` (accuracy vs epoch / wall
 time / bytes) into ``results/tta-<stamp>/``.
 """
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="20mbit")
+    ap.add_argument("--nodes", type=int, default=2, help="emulated nodes, one worker each")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--train-subset", type=int, default=5000)
     ap.add_argument("--test-subset", type=int, default=1000)
@@ -69,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path("/tmp") / f"lsgd-tta-{stamp}"
     rows: dict[str, dict[str, Any]] = {}
     try:
-        with netem.Session(netem.Topology(2, args.rate)):
+        with netem.Session(netem.Topology(args.nodes, args.rate)):
             for name, overrides in runs.items():
                 run_dir = work / name
-                job = netem.run_job(2, 1, [*common_args(args, run_dir), *overrides],
+                job = netem.run_job(args.nodes, 1, [*common_args(args, run_dir), *overrides],
                                     loopback=False, log_dir=run_dir / "logs", timeout_s=1200)
                 summary = json.loads((run_dir / "summary.json").read_text()) if job.ok else {}
                 metrics = run_dir / "metrics.jsonl"

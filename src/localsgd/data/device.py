@@ -36,8 +36,8 @@ def crop_flip_draws(seeds: list[int]) -> torch.Tensor:
     gen = torch.Generator()
     for k, seed in enumerate(seeds):
         gen.manual_seed(seed)
-        out[k, 0] = torch.randint(0, 2 * PAD + 1, (1,), generator=gen)
-        out[k, 1] = torch.randint(0, 2 * PAD + 1, (1,), generator=gen)
+        # One call for both offsets draws the same two numbers as RandomCrop's two calls.
+        out[k, :2] = torch.randint(0, 2 * PAD + 1, (2,), generator=gen)
         out[k, 2] = int(torch.rand(1, generator=gen) < 0.5)
     return out
 
