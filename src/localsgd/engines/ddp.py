@@ -97,7 +97,9 @@ class DDPEngine(EnginePart):
         rebuilt = self.wrapped._has_rebuilt_buckets
         with timer.phase("forward"):
             with self.amp.forward():
-                logits = self.wrapped(x).float()
+                logits = self.wrapped(x)
+            if self.amp.dtype is not None:
+                logits = logits.float()  # the loss in fp32, as autocast would compute it
             loss = loss_fn(logits, y)
         if not rebuilt and self.wrapped._has_rebuilt_buckets:
             self._count_bucket_rebuild()

@@ -140,7 +140,10 @@ def _reconcile(ds: dict[str, Any], path: str,
                      f"and is handed to DeepSpeed as is; remove '{key}' from the JSON")
 
     bf16 = ds.get("bf16", ds.get("bfloat16"))
-    mixed = enabled(bf16) or enabled(ds.get("torch_autocast"))
+    autocast = ds.get("torch_autocast")
+    # An fp16 autocast section is refused on its own below.
+    mixed = enabled(bf16) or (enabled(autocast) and str(autocast.get("dtype", "")).lower()
+                              not in _FP16_NAMES)
     if facts.precision == "fp16":
         p.append("model.precision: fp16 is not supported by the deepspeed engine: DeepSpeed's "
                  "CPU accelerator has no fp16 and its loss scaler skips steps per worker; use "
@@ -158,7 +161,6 @@ def _reconcile(ds: dict[str, Any], path: str,
         p.append(f"{where} enables fp16, which the deepspeed engine does not support: "
                  "DeepSpeed's CPU accelerator has no fp16 and its loss scaler skips steps per "
                  "worker; use bf16 (deepspeed_configs/zero0_bf16.json) or fp32")
-    autocast = ds.get("torch_autocast")
     if enabled(autocast) and str(autocast.get("dtype", "")).lower() in _FP16_NAMES:
         p.append(f"{where} sets torch_autocast.dtype={autocast['dtype']}: fp16 is not "
                  "supported by the deepspeed engine; use dtype bfloat16 or the bf16 section")

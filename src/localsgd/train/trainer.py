@@ -58,6 +58,8 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
         self.state = TrainState()
         self.last_eval: dict[str, float] = {}
+        self.merged = False
+        """Resumed from a checkpoint of another world size (so not a plain re-launch)."""
 
     def _agree(self, ok: bool) -> bool:
         """True only if every rank says ok (so all ranks raise together, none hangs)."""
@@ -160,7 +162,8 @@ class Trainer:
         if found is None:
             return
         states, old_world = found
-        if old_world == self.info.world_size:
+        self.merged = old_world != self.info.world_size
+        if not self.merged:
             state = states[0]
             self.engine.load_state_dict(state["engine"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -182,7 +185,7 @@ class Trainer:
                 self.scheduler.step()
         self.meter.load_state_dict(state["meter"])
         set_rng_state(state["rng"])
-        if self.info.is_main and not self._done():
+        if self.info.is_main and (self.merged or not self._done()):
             tqdm.write(f"resumed from step {self.controller.step} (epoch {self.state.epoch}, "
                        f"written by {old_world} workers, now {self.info.world_size})")
 
@@ -194,8 +197,8 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         finished = self.controller.step > 0 and self._done()
-        if finished and self._agree(not self.info.is_main
-                                    or (self.run_dir / "summary.json").is_file()):
+        if finished and not self.merged and self._agree(
+                not self.info.is_main or (self.run_dir / "summary.json").is_file()):
             self._already_complete()
             return {}
         if self.info.is_main:
@@ -208,7 +211,8 @@ class Trainer:
         if events:
             self._log_syncs(events, self._mean_over_ranks([e.distance for e in events]))
         if finished:
-            # Stopped after its last checkpoint but before its summary: evaluate, then write it.
+            # Nothing was left to train (stopped after the last checkpoint but before the
+            # summary, or resumed by another world size at the end): evaluate for the summary.
             self._evaluate()
         return self._finish(time.perf_counter() - start)
 
