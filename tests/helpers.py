@@ -28,3 +28,15 @@ def final_model(run_dir: Path) -> dict[str, torch.Tensor]:
 def summary(run_dir: Path) -> dict[str, Any]:
     """The run's ``summary.json``."""
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_refused(overrides: list[str], starts: str) -> None:
+    """The recipe of ``overrides`` is refused, with one problem starting with ``starts``."""
+    import pytest
+
+    from localsgd.config import ConfigError
+    from localsgd.recipe import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert [p for p in err.value.problems if p.startswith(starts)], err.value.problems
