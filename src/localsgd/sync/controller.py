@@ -142,7 +142,7 @@ class SyncController:
         self.update = chosen["update"](cfg)
         self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer)
         self.runner = chosen["runner"](cfg, self.averager)
-        self.parts: dict[str, Any] = {"schedule": schedule, "topology": self.topology,
+        self.parts: dict[str, Any] = {"schedule": self.schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
                                       "runner": self.runner, "period_rule": self.period_rule}
 

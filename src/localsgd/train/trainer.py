@@ -263,13 +263,13 @@ class Trainer:
                 # Reading the loss waits for the device, so it happens only every
                 # log_every_steps steps; a checkpoint checks the parameters itself.
                 loss = self._checked_loss(loss_t)
-            if info.is_main and self.controller.step % cfg.train.log_every_steps == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
-                self.reporters.log({
-                    "event": "step", "step": self.controller.step,
-                    "epoch": st.epoch + st.epoch_step / self.steps_per_epoch,
-                    "train/loss_rank0": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                    "time/wall_s": time.perf_counter() - start})
+                if info.is_main:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    self.reporters.log({
+                        "event": "step", "step": self.controller.step,
+                        "epoch": st.epoch + st.epoch_step / self.steps_per_epoch,
+                        "train/loss_rank0": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                        "time/wall_s": time.perf_counter() - start})
             if every and self.controller.step % every == 0 and (
                     st.epoch_step < self.steps_per_epoch and not self._done()):
                 # Epoch ends save in _end_epoch, after the epoch's records are complete.
