@@ -9,6 +9,7 @@ from __future__ import annotations
 
 MINIBATCH = ["sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=null"]
 POST_LOCAL_H16 = ["sync.algorithm=post_local", "sync.period=16"]
+LOCAL = ["sync.algorithm=local", "sync.switch_epoch=null"]
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     # The paper's comparison.
@@ -26,5 +27,15 @@ PRESETS: dict[str, dict[str, list[str]]] = {
                    "sync.outer.scale_by_inner_lr=false"],
         # H = max(16, (0.8 / lr)^2): 16 at the 2-worker peak LR of 0.2, 1600 after decay.
         "qsr": [*POST_LOCAL_H16, "sync.period_rule=qsr", "sync.qsr_alpha=0.8"],
+    },
+    # Gossip on a ring against all-reduce averaging, local SGD from the first step; the
+    # measured variant adds one exact all-reduce per sync to log the consensus distance.
+    "gossip": {
+        "minibatch": MINIBATCH,
+        "complete_h4": [*LOCAL, "sync.period=4"],
+        "ring_h4": [*LOCAL, "sync.period=4", "sync.topology=ring"],
+        "ring_h1": [*LOCAL, "sync.period=1", "sync.topology=ring"],
+        "ring_h4_measured": [*LOCAL, "sync.period=4", "sync.topology=ring",
+                             "sync.consensus_every=1"],
     },
 }

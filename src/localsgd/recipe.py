@@ -58,7 +58,7 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
                  grad_accum=cfg.train.grad_accum,
                  local_steps=schedule is not None and schedule.has_local_steps(cfg.sync),
                  algorithm=cfg.sync.algorithm, optimizer=str(cfg.optim.name.value),
-                 precision=str(cfg.model.precision.value),
+                 precision=str(cfg.model.precision.value), topology=str(cfg.sync.topology),
                  world_size=world_size, local_world_size=local_world_size)
 
 

@@ -47,6 +47,8 @@ class Facts:
     """optim.name: the inner optimizer."""
     precision: str = "fp32"
     """model.precision."""
+    topology: str = "complete"
+    """sync.topology: who exchanges with whom at a sync."""
 
 
 class Part:

@@ -48,15 +48,16 @@ def test_cifar10_two_workers_learn_and_agree(tmp_path: Path, cifar_root: Path) -
 
 
 def cut_and_resumed(tmp_path: Path, common: list[str],
-                    inspect: Callable[[Path], None] | None = None) -> tuple[dict, dict]:
+                    inspect: Callable[[Path], None] | None = None,
+                    nproc: int = 2) -> tuple[dict, dict]:
     """Train to step 40 in one go, and again stopping at step 16 then resuming to 40; the
     final models must be bitwise equal. Returns both summaries."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    torchrun(synthetic_args(full, *common, "train.max_steps=40"))
-    torchrun(synthetic_args(cut, *common, "train.max_steps=16"))
+    torchrun(synthetic_args(full, *common, "train.max_steps=40"), nproc=nproc)
+    torchrun(synthetic_args(cut, *common, "train.max_steps=16"), nproc=nproc)
     if inspect is not None:
         inspect(cut)
-    proc = torchrun(synthetic_args(cut, *common, "train.max_steps=40"))
+    proc = torchrun(synthetic_args(cut, *common, "train.max_steps=40"), nproc=nproc)
     assert "resumed from step 16" in proc.stdout
     a, b = final_model(full), final_model(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -128,3 +129,36 @@ def test_diloco_with_qsr_resumes_bitwise_and_logs_its_periods(tmp_path: Path) ->
     syncs = [r for r in read_metrics(tmp_path / "full") if r.get("event") == "sync"]
     periods = [r["sync/period"] for r in syncs if r["sync/action"] == "global"]
     assert periods[0] == 4 and periods == sorted(periods) and periods[-1] > 4
+
+
+def test_ring_gossip_sends_to_two_neighbours_ends_in_consensus_and_resumes_bitwise(
+        tmp_path: Path) -> None:
+    common = ["sync.algorithm=post_local", "sync.switch_step=6", "sync.period=2",
+              "sync.topology=ring", "sync.consensus_every=3", "run.checkpoint_every_epochs=1",
+              "train.epochs=5"]  # 8 steps per epoch: the cut at step 16 ends epoch 2
+    sa, sb = cut_and_resumed(tmp_path, common, nproc=4)
+    syncs = [r for r in read_metrics(tmp_path / "full")
+             if r.get("event") == "sync" and r["sync/action"] == "global"]
+    assert [r["step"] for r in syncs] == list(range(8, 41, 2))
+    # Each sync sends the model (parameters and floating buffers) to both ring neighbours,
+    # gloo's isend/irecv; no all-reduce averages anything until the final, exact one.
+    model = final_model(tmp_path / "full")
+    model_bytes = sum(t.numel() * t.element_size() for t in model.values()
+                      if t.is_floating_point())
+    assert sa["comm/gossip/bytes"] == len(syncs) * 2 * model_bytes
+    assert sa["comm/gossip/calls"] == len(syncs)
+    assert sa["comm/average/calls"] == 1 and sa["comm/consensus/calls"] == 6  # the final
+    measured = [r for r in syncs if "sync/consensus_distance" in r]
+    assert [r["step"] for r in measured] == [8, 14, 20, 26, 32, 38]
+    assert all(r["sync/consensus_distance"] > 0 for r in measured)
+    assert sa["comm/gossip/bytes"] == sb["comm/gossip/bytes"]
+    ckpt = sorted((tmp_path / "full" / "checkpoints").iterdir(),
+                  key=lambda d: int(d.name.split("-")[1]))[-1]
+    ranks = [torch.load(ckpt / f"rank{r}.pt", weights_only=True)["engine"]["model"]
+             for r in range(4)]
+    # The last checkpoint holds each worker's own model after the last gossip step; the
+    # saved final model is their exact average.
+    assert not torch.equal(ranks[0]["classifier.weight"], ranks[1]["classifier.weight"])
+    for k, v in model.items():
+        mean = torch.stack([r[k].double() for r in ranks]).mean(dim=0)
+        torch.testing.assert_close(v.double(), mean, rtol=0, atol=1e-6)

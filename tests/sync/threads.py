@@ -1,8 +1,10 @@
 """In-process workers for the fast tier: K threads, each with its own SyncController.
 
-Two test-only parts are registered the way any new part is (one class each, no other
-edits): a ``threads`` topology whose groups are shared Python objects, and a ``threads``
-reducer that sums through them in rank order. They stand in for gloo so the controller,
+Test-only parts are registered the way any new part is (one class each, no other edits): a
+``threads`` topology whose groups are shared Python objects, a ``threads`` reducer that sums
+through them in rank order, and ``threads_ring`` / ``threads_torus`` / ``threads_expander``:
+the real gossip topologies with their point-to-point sends carried by a shared mailbox
+(the real ``gossip`` reducer mixes what arrives). They stand in for gloo so the controller,
 schedules, averager, updates and runners can be run at K = 4 or 8 in milliseconds; the real
 ``complete`` topology and ``mean`` reducer run under torchrun in tests/integration.
 """
@@ -24,6 +26,10 @@ from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.parts import REDUCERS, TOPOLOGIES
 from localsgd.sync.reducers.mean import Mean
 from localsgd.sync.schedules.base import NODE
+from localsgd.sync.topologies.expander import Expander
+from localsgd.sync.topologies.gossip import Neighbourhood
+from localsgd.sync.topologies.ring import Ring
+from localsgd.sync.topologies.torus import Torus
 
 _rank = threading.local()
 
@@ -50,14 +56,38 @@ class ThreadGroup:
         flat.copy_(total)
 
 
+class Mailbox:
+    """Point-to-point messages between threads, keyed (sender, receiver, tag)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.box: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.sent: Counter[int] = Counter()
+        """Messages per sender."""
+
+    def put(self, key: tuple[int, int, int], t: torch.Tensor) -> None:
+        with self.cond:
+            self.box[key] = t.clone()
+            self.sent[key[0]] += 1
+            self.cond.notify_all()
+
+    def take(self, key: tuple[int, int, int]) -> torch.Tensor:
+        with self.cond:
+            if not self.cond.wait_for(lambda: key in self.box, timeout=30):
+                raise TimeoutError(f"no message {key}")
+            return self.box.pop(key)
+
+
 @dataclass
 class World:
     size: int
     local_size: int
     everyone: ThreadGroup = field(init=False)
     nodes: list[ThreadGroup] = field(init=False)
+    mailbox: Mailbox = field(init=False)
 
     def __post_init__(self) -> None:
+        self.mailbox = Mailbox()
         self.everyone = ThreadGroup(list(range(self.size)))
         self.nodes = [ThreadGroup(list(range(n, n + self.local_size)))
                       for n in range(0, self.size, self.local_size)]
@@ -83,6 +113,54 @@ class Threads(Part):
         return g, len(g.ranks)
 
 
+    def everyone(self) -> tuple[ThreadGroup, int]:
+        return self.world.everyone, len(self.world.everyone.ranks)
+
+    def measure_now(self) -> bool:
+        return False
+
+
+@dataclass
+class ThreadExchange:
+    hood: Neighbourhood
+    keys: list[tuple[int, int, int]]
+    mailbox: Mailbox
+
+    def wait(self) -> list[torch.Tensor]:
+        return [self.mailbox.take(k) for k in self.keys]
+
+
+@dataclass
+class ThreadNeighbourhood(Neighbourhood):
+    def exchange(self, flat: torch.Tensor) -> ThreadExchange:
+        assert _world is not None
+        tag = self.sent
+        self.sent += 1
+        for peer in self.peers:
+            _world.mailbox.put((self.rank, peer, tag), flat)
+        return ThreadExchange(self, [(p, self.rank, tag) for p in self.peers], _world.mailbox)
+
+
+def _threaded(base: type) -> type:
+    class Threaded(base):  # type: ignore[valid-type, misc]
+        name = f"threads_{base.name}"
+        mean_reducer = "threads"
+
+        def _neighbourhood(self, w: Any, rank: int) -> Any:
+            hood = Neighbourhood.of(w, rank)
+            return ThreadNeighbourhood(hood.rank, hood.self_weight, hood.peers, hood.weights)
+
+        def everyone(self) -> tuple[ThreadGroup, int]:
+            assert _world is not None
+            return _world.everyone, _world.size
+
+    return TOPOLOGIES.register(Threaded)
+
+
+for _base in (Ring, Torus, Expander):
+    _threaded(_base)
+
+
 @REDUCERS.register
 class ThreadSum(Mean):
     name = "threads"
@@ -95,9 +173,11 @@ class ThreadSum(Mean):
 class FakeTarget:
     """A model without a model: parameters, buffers and momentum that drift per rank."""
 
-    def __init__(self, rank: int, shapes: list[tuple[int, ...]] | None = None) -> None:
+    def __init__(self, rank: int, shapes: list[tuple[int, ...]] | None = None,
+                 distinct: bool = False) -> None:
         shapes = shapes or [(40,), (7, 3), (5,)]
-        g = torch.Generator().manual_seed(0)  # identical start on every rank
+        # Identical start on every rank, unless asked to differ (gossip without training).
+        g = torch.Generator().manual_seed(1000 + rank if distinct else 0)
         self.rank = rank
         self.params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
         self.buffers = [torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long)]
@@ -156,11 +236,14 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                 between: Callable[[Worker, int], None] | None = None,
                 resume: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
                 lr_at: Callable[[int], float] | None = None,
+                train: bool = True, shapes: list[tuple[int, ...]] | None = None,
                 ) -> tuple[list[Worker], World]:
     """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``).
 
     ``resume`` gives each rank a controller state and the target's tensors (parameters,
-    buffers, momentum) to continue from, as a checkpoint would.
+    buffers, momentum) to continue from, as a checkpoint would. ``train=False`` takes no
+    local steps and starts every rank from different parameters (``shapes``), so that only
+    the syncs move them.
     """
     global _world
     _world = World(world, local_world)
@@ -176,7 +259,7 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
             ctl = SyncController.build(cfg, info, meter, steps_per_epoch=10,
                                        observers=observers(rank) if observers else None,
                                        lr_at=lr_at)
-            w = Worker(rank, FakeTarget(rank), ctl, meter)
+            w = Worker(rank, FakeTarget(rank, shapes, distinct=not train), ctl, meter)
             workers[rank] = w
             if resume is not None:
                 state, tensors = resume[rank]
@@ -185,7 +268,8 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                     mine.copy_(saved)
             ctl.begin(w.target)
             for t in range(ctl.step, steps):
-                w.target.local_step(t)
+                if train:
+                    w.target.local_step(t)
                 w.before.append(w.target.flat().clone())
                 w.whole_before.append(w.target.whole())
                 ctl.after_step(w.target)

@@ -12,6 +12,10 @@ waits for them, and ``apply`` adds the sync's effect on the snapshot to the tens
 are by then: theta <- theta + (update(snapshot, reduced) - snapshot), which keeps the local
 progress made meanwhile. That costs two copies of what travels (the snapshot and the buffer
 being reduced).
+
+A reducer that is not ``exact`` (gossip) returns a neighbourhood's mix, not the mean: the
+distance to it is no consensus distance, so those syncs report nan, unless the job measured
+the true one (``distance``: one exact reduction that only reads).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class InFlight:
     started: float = field(default_factory=time.perf_counter)
     works: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
     done: bool = False
+    measured: float | None = None
+    """The consensus distance measured when the sync started (a reducer that is not exact)."""
 
     @property
     def nbytes(self) -> int:
@@ -54,13 +60,14 @@ class InFlight:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "size": self.size, "sizes": self.sizes,
                 "snapshots": self.snapshots, "reduced": self.reduced,
-                "members": self.members}
+                "members": self.members, "measured": self.measured}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> InFlight:
         return cls(state["kind"], int(state["size"]), list(state["sizes"]),
                    list(state["snapshots"]), list(state["reduced"]),
-                   [list(m) for m in state["members"]], done=True)
+                   [list(m) for m in state["members"]], done=True,
+                   measured=state.get("measured"))
 
 
 class Averager:
@@ -85,7 +92,7 @@ class Averager:
         sq = 0.0
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
-            with self.meter.timed(kind, self.reducer.payload_bytes(bucket.flat)):
+            with self.meter.timed(kind, self.reducer.payload_bytes(bucket.flat, group)):
                 work = self.reducer.start(bucket.flat, group)
                 result = self.reducer.finish(work, bucket.flat, size)
             for s in bucket.slices:
@@ -98,6 +105,22 @@ class Averager:
                     update.apply(s.index, s.start, s.local, reduced, target)
                 else:
                     target.copy_(reduced)
+        return self._distance(sq)
+
+    def _distance(self, sq: float) -> float:
+        return math.sqrt(sq) if getattr(self.reducer, "exact", True) else math.nan
+
+    def distance(self, params: list[torch.Tensor], group: Any, size: int,
+                 kind: str = "consensus") -> float:
+        """This worker's distance from the exact average of ``params`` over ``group``,
+        which stay untouched (the reducer must be exact)."""
+        sq = 0.0
+        for bucket in self.bucketer.fill(params):
+            with self.meter.timed(kind, self.reducer.payload_bytes(bucket.flat, group)):
+                work = self.reducer.start(bucket.flat, group)
+                result = self.reducer.finish(work, bucket.flat, size)
+            for s in bucket.slices:
+                sq += squared_distance(s.local, result[s.pos:s.pos + s.local.numel()])
         return math.sqrt(sq)
 
     def start(self, tensors: list[torch.Tensor], group: Any, size: int,
@@ -116,7 +139,7 @@ class Averager:
             flight.reduced.append(buf)
             flight.members.append(idx)
             for chunk in buf.split(capacity):
-                self.meter.record(flight.kind, self.reducer.payload_bytes(chunk))
+                self.meter.record(flight.kind, self.reducer.payload_bytes(chunk, group))
                 flight.works.append((self.reducer.start(chunk, group), chunk))
         return flight
 
@@ -164,7 +187,9 @@ class Averager:
                 else:
                     live.add_(mean - local)
                 pos += n
-        return math.sqrt(sq)
+        if flight.measured is not None:
+            return flight.measured
+        return self._distance(sq)
 
 
 def squared_distance(local: torch.Tensor, mean: torch.Tensor) -> float:

@@ -20,8 +20,8 @@ from localsgd.launch.env import DistInfo
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.buckets import Bucketer
-from localsgd.sync.parts import PART_KINDS, SECTION, MomentumPolicy
-from localsgd.sync.schedules.base import GLOBAL, LOCAL, Schedule
+from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
+from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
 
 
 class SyncTarget(Protocol):
@@ -100,17 +100,32 @@ class SyncJob:
                 m.zero_()
         self.target.after_params_changed()
 
+    def _measured(self) -> float | None:
+        """The exact consensus distance, measured apart when the sync itself cannot give it
+        (gossip) and the topology says one is due."""
+        if self.final or self.action != GLOBAL or not self.ctl.topology.measure_now():
+            return None
+        return self.ctl.exact.distance(self.target.sync_params(), *self.ctl.topology.everyone())
+
     def run(self) -> float:
         tensors, params, _ = self.tensors()
-        distance = self.ctl.averager.average(tensors, *self.ctl.topology.group(self.action),
-                                             params=params, update=self._update())
+        measured = self._measured()
+        # The last average of a run is exact whatever the topology: the saved model is the
+        # consensus.
+        averager = self.ctl.exact if self.final else self.ctl.averager
+        group = self.ctl.topology.everyone() if self.final else self.ctl.topology.group(
+            self.action)
+        distance = averager.average(tensors, *group, params=params, update=self._update())
         self._applied()
-        return distance
+        return distance if measured is None else measured
 
     def start(self, select: Collection[int] | None = None) -> InFlight:
         """Launch the average of the tensors with an index in ``select`` (default all)."""
-        return self.ctl.averager.start(self.tensors()[0], *self.ctl.topology.group(self.action),
-                                       select=select)
+        measured = self._measured()
+        flight = self.ctl.averager.start(self.tensors()[0],
+                                         *self.ctl.topology.group(self.action), select=select)
+        flight.measured = measured
+        return flight
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
@@ -141,6 +156,14 @@ class SyncController:
         self.reducer = chosen["reducer"](cfg)
         self.update = chosen["update"](cfg)
         self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer)
+        self.exact = self.averager
+        """Forms the exact average over ``topology.everyone()`` (evaluation, the final model,
+        measurements): the sync averager itself when its reducer is exact."""
+        if not getattr(self.reducer, "exact", True):
+            mean = REDUCERS.get(self.topology.mean_reducer)(cfg)
+            self.exact = Averager(meter, self.averager.bucketer, mean)
+        self.finished = False
+        """Whether ``finish`` has taken the final average (everyone then agrees)."""
         self.runner = chosen["runner"](cfg, self.averager)
         self.parts: dict[str, Any] = {"schedule": self.schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
@@ -177,6 +200,11 @@ class SyncController:
 
     def in_consensus(self) -> bool:
         """Whether all workers hold identical parameters now."""
+        if self.finished:
+            return True
+        if getattr(self.topology, "gossip", False):
+            # Gossip brings workers closer but never together.
+            return self.step == 0 or self.schedule.phase(self.step - 1) == MINIBATCH
         return self.runner.in_consensus(self.schedule, self.step)
 
     def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
@@ -212,11 +240,13 @@ class SyncController:
         self._record(self.runner.drain(self._jobs(target)), target)
         if self.in_consensus():
             # Parameters already agree; BatchNorm statistics never do under mini-batch SGD.
-            self.averager.average(target.sync_buffers(), *self.topology.group(GLOBAL))
+            self.exact.average(target.sync_buffers(), *self.topology.everyone())
+            self.finished = True
             return
         for o in self.observers:
             o.before_sync(self.step, GLOBAL, target)
         distance = SyncJob(self, target, GLOBAL, final=True).run()
+        self.finished = True
         self._record([(self.step, "final", distance)], target)
 
     def averaged_copy(self, target: SyncTarget, out: nn.Module) -> None:
@@ -233,7 +263,7 @@ class SyncController:
             else:
                 src, dst = src_params + src_buffers, dst_params + dst_buffers
             if self.info.world_size > 1:
-                self.averager.average(src, *self.topology.group(GLOBAL), kind="eval", out=dst)
+                self.exact.average(src, *self.topology.everyone(), kind="eval", out=dst)
             else:
                 for s, d in zip(src, dst, strict=True):
                     d.copy_(s)

@@ -45,9 +45,12 @@ class SyncCommon:
     hierarchical (average inside a node every ``period`` steps, across nodes every
     ``period * block_period``)."""
     topology: str = "complete"
-    """Who exchanges with whom at a sync: complete (every worker, or every worker of a node)."""
-    reducer: str = "mean"
-    """What travels: mean (the exact mean, one all-reduce per bucket)."""
+    """Who exchanges with whom at a sync: complete (every worker, or every worker of a node,
+    all-reduce) or a gossip graph: ring, torus or expander (each worker mixes with its
+    neighbours by point-to-point sends, weights from the graph's mixing matrix)."""
+    reducer: str = "auto"
+    """What travels: mean (the exact mean, one all-reduce per bucket) or gossip (a bucket to
+    each graph neighbour, mixed with their weights); auto picks the one the topology needs."""
     update: str = "copy"
     """How the result is applied: copy (every worker takes the average) or outer (an outer
     optimizer steps on the anchor with the averaged pseudo-gradient, as SlowMo and DiLoCo;
@@ -80,6 +83,9 @@ def _resolve(cfg: Any, key: str) -> str:
     value = getattr(cfg, key)
     if key == "runner" and value == "auto":
         return "overlapped" if getattr(cfg, "overlap_steps", 0) != 0 else "blocking"
+    if key == "reducer" and value == "auto":
+        topology = TOPOLOGIES.find(str(cfg.topology))
+        return str(getattr(topology, "reducer", "mean"))
     return str(value)
 
 

@@ -334,8 +334,9 @@ class Trainer:
             "throughput/samples_per_s": count / max(st.epoch_seconds, 1e-9),
             **self.timer.pop(),
         }
-        if distances:
-            record["sync/consensus_distance"] = sum(distances) / len(distances)
+        measured = [d for d in distances if not math.isnan(d)]
+        if measured:  # gossip syncs that were not measured carry nan
+            record["sync/consensus_distance"] = sum(measured) / len(measured)
         comm_now = self.meter.flat()
         record.update(comm_now)
         record["comm/epoch_bytes"] = comm_now["comm/bytes"] - st.epoch_comm_bytes
@@ -367,9 +368,11 @@ class Trainer:
     def _log_syncs(self, events: list[Any], distances: list[float]) -> None:
         """One record per sync with the mean over workers of the consensus distance."""
         for e, d in zip(events, distances, strict=True):
-            self.reporters.log({"event": "sync", "step": e.step, "sync/action": e.action,
-                                "sync/consensus_distance": d,
-                                "sync/period": self.schedule.effective_period(max(e.step - 1, 0))})
+            record = {"event": "sync", "step": e.step, "sync/action": e.action,
+                      "sync/period": self.schedule.effective_period(max(e.step - 1, 0))}
+            if not math.isnan(d):  # a gossip sync that was not measured has no distance
+                record["sync/consensus_distance"] = d
+            self.reporters.log(record)
 
     def _evaluate(self) -> dict[str, float]:
         if self.averaged_eval:

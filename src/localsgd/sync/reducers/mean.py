@@ -12,13 +12,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd.registry import Part
-from localsgd.sync.parts import REDUCERS
+from localsgd.registry import Facts, Part
+from localsgd.sync.parts import REDUCERS, TOPOLOGIES
 
 
 @REDUCERS.register
 class Mean(Part):
     name = "mean"
+    exact = True
+    """The result is the mean of every worker of the group."""
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        topology = TOPOLOGIES.find(cfg.topology)
+        if topology is not None and getattr(topology, "gossip", False):
+            return [f"sync.reducer: mean all-reduces over every worker, but "
+                    f"sync.topology={cfg.topology} mixes with graph neighbours only; use "
+                    "sync.reducer=auto (or gossip)"]
+        return []
 
     def __init__(self, cfg: Any) -> None:
         pass
@@ -28,7 +39,7 @@ class Mean(Part):
         for ``requested`` (``average``, ``eval``): a compressed reducer may keep its own."""
         return requested
 
-    def payload_bytes(self, flat: torch.Tensor) -> int:
+    def payload_bytes(self, flat: torch.Tensor, group: Any = None) -> int:
         """Bytes this rank hands to the collective for ``flat``."""
         return flat.numel() * flat.element_size()
 

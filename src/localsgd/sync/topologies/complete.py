@@ -7,7 +7,7 @@ sync over a node.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.distributed as dist
 
@@ -20,6 +20,12 @@ from localsgd.sync.schedules.base import GLOBAL, NODE
 @TOPOLOGIES.register
 class Complete(Part):
     name = "complete"
+    gossip: ClassVar[bool] = False
+    """Whether a global sync leaves workers apart (graph gossip) rather than agreeing."""
+    reducer: ClassVar[str] = "mean"
+    """The reducer ``sync.reducer=auto`` picks."""
+    mean_reducer: ClassVar[str] = "mean"
+    """The reducer that forms the exact average over ``everyone`` (evaluation, the end)."""
 
     def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
         self.info = info
@@ -34,3 +40,12 @@ class Complete(Part):
         if scope != GLOBAL:
             raise ValueError(f"topology complete has no scope {scope!r}")
         return None, self.info.world_size
+
+    def everyone(self) -> tuple[dist.ProcessGroup | None, int]:
+        """(group, size) over which the exact average of all workers is formed."""
+        return None, self.info.world_size
+
+    def measure_now(self) -> bool:
+        """Whether a sync must measure its consensus distance on its own: never, the
+        average gives it."""
+        return False

@@ -1,0 +1,52 @@
+"""Neighbour mixing: send a bucket to each graph neighbour, return W_ii x_i + sum_j W_ij x_j.
+
+The topology (ring, torus, expander) says who the neighbours are and how much each weighs,
+and moves the bytes; this reducer only combines what arrives, in a fixed neighbour order so
+that every run sums alike. Bytes counted are what this rank sends: degree x the bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from localsgd.registry import Facts, Part
+from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+
+
+@REDUCERS.register
+class GossipMix(Part):
+    name = "gossip"
+    exact = False
+    """The result is a neighbourhood's weighted mean, not the mean of every worker."""
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        topology = TOPOLOGIES.find(cfg.topology)
+        if topology is not None and not getattr(topology, "gossip", False):
+            return [f"sync.reducer: gossip mixes with graph neighbours, which "
+                    f"sync.topology={cfg.topology} does not have; use sync.topology=ring, "
+                    "torus or expander, or sync.reducer=auto"]
+        return []
+
+    def __init__(self, cfg: Any) -> None:
+        pass
+
+    def kind(self, requested: str) -> str:
+        return "gossip" if requested == "average" else requested
+
+    def payload_bytes(self, flat: torch.Tensor, hood: Any = None) -> int:
+        """Bytes this rank sends for ``flat``: one copy per neighbour."""
+        peers = len(hood.peers) if hood is not None else 1
+        return peers * flat.numel() * flat.element_size()
+
+    def start(self, flat: torch.Tensor, hood: Any) -> Any:
+        return hood.exchange(flat)
+
+    def finish(self, work: Any, flat: torch.Tensor, size: int) -> torch.Tensor:
+        received = work.wait()
+        out = flat * work.hood.self_weight
+        for weight, theirs in zip(work.hood.weights, received, strict=True):
+            out.add_(theirs, alpha=weight)
+        return out

@@ -1,0 +1,167 @@
+"""Gossip topologies: at a sync every worker mixes its model with its graph neighbours only.
+
+With W the mixing matrix (``graphs``), worker i takes x_i <- W_ii x_i + sum_j W_ij x_j over
+its neighbours j. It sends its tensors to each neighbour once (point to point, non-blocking)
+and receives theirs: per-rank traffic is degree x model, whatever K is, and no collective
+spans every worker. The workers never hold identical models while training, so:
+
+* a sync's consensus distance needs the global average, which gossip never forms; it is
+  measured with one exact all-reduce (counted as ``comm/consensus``) every
+  ``sync.consensus_every`` syncs, and not at all by default;
+* evaluation of the averaged model and the run's final model take the exact average of all
+  workers (``everyone``), as for local SGD between syncs;
+* the mini-batch phase of post-local SGD still all-reduces gradients: gossip replaces only
+  the model averages.
+
+Ring, torus and expander are files of their own that name a graph; this module holds what
+they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from localsgd.launch.env import DistInfo
+from localsgd.registry import Facts, Part, need
+from localsgd.sync.schedules.base import GLOBAL
+from localsgd.sync.topologies import graphs
+
+TAGS = 1 << 20
+"""Exchanges are tagged with a running count modulo this, so that messages between the same
+two workers pair up in order whatever the transport does."""
+
+
+@dataclass
+class Exchange:
+    """Tensors received from the neighbours, once ``wait`` returns."""
+
+    hood: Neighbourhood
+    received: list[torch.Tensor]
+    works: list[Any]
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self.works:
+            w.wait()
+        self.works = []
+        return self.received
+
+
+@dataclass
+class Neighbourhood:
+    """One worker's row of the mixing matrix: its own weight and its neighbours'."""
+
+    rank: int
+    self_weight: float
+    peers: tuple[int, ...]
+    weights: tuple[float, ...]
+    sent: int = field(default=0, compare=False)
+    """Exchanges started so far (their tag)."""
+
+    @classmethod
+    def of(cls, w: np.ndarray, rank: int) -> Neighbourhood:
+        peers = tuple(j for j in range(w.shape[0]) if j != rank and w[rank, j] > 0)
+        return cls(rank, float(w[rank, rank]), peers, tuple(float(w[rank, j]) for j in peers))
+
+    def exchange(self, flat: torch.Tensor) -> Exchange:
+        """Send ``flat`` to every neighbour and receive theirs, without blocking."""
+        tag = self.sent % TAGS
+        self.sent += 1
+        received = [torch.empty_like(flat) for _ in self.peers]
+        ops = [dist.P2POp(dist.isend, flat, peer, tag=tag) for peer in self.peers]
+        ops += [dist.P2POp(dist.irecv, buf, peer, tag=tag)
+                for peer, buf in zip(self.peers, received, strict=True)]
+        return Exchange(self, received, dist.batch_isend_irecv(ops) if ops else [])
+
+
+@dataclass
+class GossipKeys:
+    consensus_every: int = 0
+    """With a gossip topology (ring, torus, expander): measure the true consensus distance
+    (one exact all-reduce of the parameters, counted as comm/consensus) at every N-th sync;
+    0 never, and sync records then carry no distance. Evaluation and the final model use the
+    exact average either way."""
+
+
+class Gossip(Part):
+    """A topology whose syncs mix with graph neighbours (a subclass names the graph)."""
+
+    gossip: ClassVar[bool] = True
+    reducer: ClassVar[str] = "gossip"
+    """The reducer ``sync.reducer=auto`` picks."""
+    mean_reducer: ClassVar[str] = "mean"
+    """The reducer that forms the exact average over ``everyone`` (evaluation, the end)."""
+    Config = GossipKeys
+    graph: ClassVar[Callable[[int], np.ndarray]]
+    """K -> the mixing matrix (a function of ``graphs``)."""
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        p: list[str] = []
+        check = need(p)
+        key = f"sync.topology: {cls.name}"
+        check(cfg.consensus_every >= 0,
+              f"sync.consensus_every: must be >= 0 (0: never), got {cfg.consensus_every}")
+        check(facts.algorithm != "hierarchical",
+              f"{key} gossips between single workers; sync.algorithm=hierarchical averages "
+              "inside nodes first: use sync.algorithm=local or post_local, or "
+              "sync.topology=complete")
+        check(facts.local_steps,
+              f"{key} replaces model averages, and sync.algorithm={facts.algorithm} takes "
+              "none (it all-reduces gradients every step); for decentralized SGD use "
+              "sync.algorithm=local sync.period=1")
+        check(cfg.update == "copy",
+              f"sync.update: {cfg.update} steps on the average of every worker, which "
+              f"{cls.name} gossip never forms; use sync.update=copy")
+        check(cfg.fragments == 1,
+              f"sync.fragments: {cfg.fragments} with {cls.name} gossip is not supported; each "
+              "fragment would mix at its own step, so use sync.fragments=1")
+        if facts.world_size is not None:
+            try:
+                cls.graph(facts.world_size)
+            except graphs.GraphError as exc:
+                p.append(f"{key}: {exc}; launch another number of workers or choose "
+                         "another topology")
+        return p
+
+    def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
+        self.info = info
+        self.matrix = self.graph(info.world_size)
+        self.hood = self._neighbourhood(self.matrix, info.rank)
+        self.every = cfg.consensus_every
+        self.syncs = 0
+        """Gossip syncs started so far (the measurement counts them)."""
+
+    def _neighbourhood(self, w: np.ndarray, rank: int) -> Any:
+        return Neighbourhood.of(w, rank)
+
+    def group(self, scope: str) -> tuple[Any, int]:
+        """(this worker's neighbourhood, K) for a global sync."""
+        if scope != GLOBAL:
+            raise ValueError(f"topology {self.name} has no scope {scope!r}")
+        return self.hood, self.info.world_size
+
+    def everyone(self) -> tuple[Any, int]:
+        """(group, size) over which the exact average of all workers is formed."""
+        return None, self.info.world_size
+
+    def measure_now(self) -> bool:
+        """Count a sync; whether its consensus distance is to be measured."""
+        due = self.every > 0 and self.syncs % self.every == 0
+        self.syncs += 1
+        return due
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"syncs": self.syncs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.syncs = int(state.get("syncs", 0))
+
+    @classmethod
+    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"syncs": max((int(s.get("syncs", 0)) for s in states), default=0)}
