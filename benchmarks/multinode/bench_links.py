@@ -62,6 +62,11 @@ VARIANTS = {v.name: v for v in (
     Variant("local-H4-o1", ("sync.algorithm=local", "sync.period=4", "sync.overlap_steps=1")),
     Variant("local-H4-o2", ("sync.algorithm=local", "sync.period=4", "sync.overlap_steps=2")),
     Variant("torch-peer-h4", ("--peer-period=4",), entry=HERE / "peer_worker.py"),
+    # Gossip on a ring (sync.topology=ring): each sync sends the model to both neighbours.
+    Variant("ring-H4", ("sync.algorithm=local", "sync.period=4", "sync.topology=ring")),
+    Variant("ring-H16", ("sync.algorithm=local", "sync.period=16", "sync.topology=ring")),
+    Variant("ring-H4-measured", ("sync.algorithm=local", "sync.period=4", "sync.topology=ring",
+                                 "sync.consensus_every=1")),
 )}
 
 
@@ -121,9 +126,11 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
     if loopback:
         return row
     # The engine counts the payload one rank hands to collectives; in a flat ring every rank
-    # puts 2(K-1)/K of it on its link. Hierarchical runs keep intra-node averages off the wire
-    # (same-namespace peers talk over lo), so this expectation does not apply to them.
-    expected = s["comm/bytes"] * ring_factor(ranks)
+    # puts 2(K-1)/K of it on its link. Gossip's point-to-point sends go out as counted.
+    # Hierarchical runs keep intra-node averages off the wire (same-namespace peers talk over
+    # lo), so this expectation does not apply to them.
+    gossip = s.get("comm/gossip/bytes", 0)
+    expected = (s["comm/bytes"] - gossip) * ring_factor(ranks) + gossip
     tx = [n.tx_bytes or 0 for n in job.nodes]
     headers = [(n.tx_packets or 0) * HEADER_BYTES for n in job.nodes]
     mean_tx = sum(tx) / len(tx)
@@ -152,12 +159,19 @@ def add_marginal(rows: list[dict[str, Any]]) -> None:
         b = base.get(r["rate"])
         if b is None or not r.get("flat_ring") or r is b:
             continue
-        extra_engine = (r["engine_bytes_per_rank"] - b["engine_bytes_per_rank"]) * r["ring_factor"]
+        extra_engine = _expected(r) - _expected(b)
         if extra_engine <= 0:
             continue
         r["marginal_wire_ratio"] = (r["wire_tx_mean"] - b["wire_tx_mean"]) / extra_engine
         r["marginal_wire_ratio_minus_headers"] = (
             (r["wire_tx_mean_minus_headers"] - b["wire_tx_mean_minus_headers"]) / extra_engine)
+
+
+def _expected(row: dict[str, Any]) -> float:
+    """Bytes a node should put on the wire by the engine's accounting."""
+    if "expected_wire_bytes_per_node" in row:
+        return float(row["expected_wire_bytes_per_node"])
+    return row["engine_bytes_per_rank"] * row["ring_factor"]
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:

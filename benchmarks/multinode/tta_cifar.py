@@ -2,6 +2,7 @@
 
     sudo python benchmarks/multinode/tta_cifar.py [--rate 20mbit --target 0.30]
     sudo python benchmarks/multinode/tta_cifar.py --preset outer
+    sudo python benchmarks/multinode/tta_cifar.py --preset gossip --nodes 4
 
 ResNet-20, ``--nodes`` emulated nodes (default 2) x 1 worker (``netem.py``), a short
 schedule that fits a 2-core machine. The runs are the preset's variants
@@ -51,6 +52,22 @@ def time_to(records: list[dict[str, Any]], acc: float) -> float | None:
     return None
 
 
+def sync_figures(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """Model syncs (averages or gossip steps), rank 0's bytes per sync, steps per second
+    and the logged consensus distances, from a run's records and summary."""
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    last = epochs[-1] if epochs else {}
+    # The last epoch record's totals stop before the run's closing exact average.
+    syncs = [r for r in records if r.get("event") == "sync" and r.get("sync/action") == "global"
+             and r["step"] <= last.get("step", 0)]
+    sent = last.get("comm/average/bytes", 0) + last.get("comm/gossip/bytes", 0)
+    wall = summary.get("time/wall_s") or 0.0
+    return {"syncs": len(syncs), "bytes_per_sync": sent / len(syncs) if syncs else 0.0,
+            "steps_per_s": summary.get("step", 0) / wall if wall else 0.0,
+            "consensus": [[r["step"], r["sync/consensus_distance"]] for r in syncs
+                          if "sync/consensus_distance" in r]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                          for r in records if "eval/acc" in r]
                 rows[name] = {"ok": job.ok, "run_dir": str(run_dir), "summary": summary,
                               "evals": evals, "wire_tx": [n.tx_bytes for n in job.nodes],
-                              "max_rss_kib": [n.max_rss_kib for n in job.nodes]}
+                              "max_rss_kib": [n.max_rss_kib for n in job.nodes],
+                              **sync_figures(records, summary)}
                 print(f"{name}: ok={job.ok} final acc={summary.get('eval/acc')} "
                       f"to_target={summary.get('time/to_target_s')} "
                       f"wall={summary.get('time/wall_s')}", flush=True)
@@ -104,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"tta-{stamp}.json"
     path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                 "common_best_acc": common, "runs": rows}, indent=1))
+    print("| variant | final acc | steps/s | syncs | MiB per sync (rank 0) | wire MiB (node 0) |")
+    print("|---|---|---|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {v['summary'].get('eval/acc')} | {v['steps_per_s']:.3f} | {v['syncs']} "
+              f"| {v['bytes_per_sync'] / 2**20:.3f} | {(v['wire_tx'][0] or 0) / 2**20:.1f} |")
     print(f"common best acc {common:.4f}: " + ", ".join(
         f"{k} {_s(v['time_to_common_best_s'])}" for k, v in rows.items()))
     print(f"wrote {path} and plots in {plot_dir}")

@@ -196,3 +196,16 @@ def test_outer_nesterov_with_inner_adamw_equals_ddp(tmp_path: Path) -> None:
     assert comm(ds, "average") == comm(ref, "average")
     a, b = final_model(tmp_path / "ddp"), final_model(tmp_path / "ds")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.slow
+def test_ring_gossip_equals_ddp(tmp_path: Path) -> None:
+    """Gossip moves DeepSpeed's masters point to point, as DDP's parameters: the same bytes
+    (one neighbour at K=2, weight 2/3) and the same model."""
+    ring = [*LOCAL, "sync.topology=ring", "sync.period=2"]
+    ref = train(tmp_path / "ddp", *ring)
+    ds = train(tmp_path / "ds", *ring, *deepspeed(FP32))
+    assert comm(ds, "grad") == comm(ref, "grad") == (0, 0)
+    assert comm(ds, "gossip") == comm(ref, "gossip") and ds["comm/gossip/calls"] == 4
+    a, b = final_model(tmp_path / "ddp"), final_model(tmp_path / "ds")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -401,6 +401,7 @@ class Trainer:
             "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
             "step": self.controller.step, "epoch": self.state.epoch,
             "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm,
+            "sync/topology": cfg.sync.topology,
             "time/to_target_s": self.state.time_to_target,
             "sync/extra_bytes": self.controller.extra_bytes(),
             **self.meter.flat(),
