@@ -116,9 +116,6 @@ class Threads(Part):
     def everyone(self) -> tuple[ThreadGroup, int]:
         return self.world.everyone, len(self.world.everyone.ranks)
 
-    def measure_now(self) -> bool:
-        return False
-
 
 @dataclass
 class ThreadExchange:

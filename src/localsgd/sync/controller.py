@@ -103,7 +103,7 @@ class SyncJob:
     def _measured(self) -> float | None:
         """The exact consensus distance, measured apart when the sync itself cannot give it
         (gossip) and the topology says one is due."""
-        if self.final or self.action != GLOBAL or not self.ctl.topology.measure_now():
+        if self.final or self.action != GLOBAL or not self.ctl.measure_now():
             return None
         return self.ctl.exact.distance(self.target.sync_params(), *self.ctl.topology.everyone())
 
@@ -164,6 +164,9 @@ class SyncController:
             self.exact = Averager(meter, self.averager.bucketer, mean)
         self.finished = False
         """Whether ``finish`` has taken the final average (everyone then agrees)."""
+        self.measured_syncs = 0
+        """Global syncs started by a reducer that is not exact (gossip): every
+        ``sync.consensus_every``-th one measures the true consensus distance."""
         self.runner = chosen["runner"](cfg, self.averager)
         self.parts: dict[str, Any] = {"schedule": self.schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
@@ -194,6 +197,15 @@ class SyncController:
     def _at_consensus(self, target: SyncTarget) -> None:
         if self.schedule.phase(self.step) == LOCAL and self.in_consensus():
             self.update.at_consensus(self.step, target.sync_params())
+
+    def measure_now(self) -> bool:
+        """Count a global sync; whether it must measure its consensus distance apart (its
+        reducer does not form the exact average, and ``sync.consensus_every`` says so)."""
+        every = getattr(self.cfg, "consensus_every", 0)
+        if getattr(self.reducer, "exact", True) or every <= 0:
+            return False
+        self.measured_syncs += 1
+        return (self.measured_syncs - 1) % every == 0
 
     def grad_sync(self) -> bool:
         return self.schedule.grad_sync(self.step)
@@ -281,12 +293,13 @@ class SyncController:
     # checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # Pending events belong to the epoch in progress; a mid-epoch resume must log them.
-        return {"step": self.step,
+        return {"step": self.step, "measured_syncs": self.measured_syncs,
                 "events": [[e.step, e.action, e.distance] for e in self.events],
                 "parts": {kind: part.state_dict() for kind, part in self.parts.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.measured_syncs = int(state.get("measured_syncs", 0))
         self.events = [SyncEvent(int(s), str(a), float(d)) for s, a, d in state["events"]]
         for kind, part in self.parts.items():
             part.load_state_dict(state.get("parts", {}).get(kind, {}))
@@ -295,6 +308,7 @@ class SyncController:
         """Continue at ``step`` from the states of a run with another world size: each part
         merges its own states; events of the unfinished epoch are dropped with it."""
         self.step = step
+        self.measured_syncs = max((int(s.get("measured_syncs", 0)) for s in states), default=0)
         self.events = []
         for kind, part in self.parts.items():
             own = [s.get("parts", {}).get(kind, {}) for s in states]

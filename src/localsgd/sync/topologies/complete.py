@@ -44,8 +44,3 @@ class Complete(Part):
     def everyone(self) -> tuple[dist.ProcessGroup | None, int]:
         """(group, size) over which the exact average of all workers is formed."""
         return None, self.info.world_size
-
-    def measure_now(self) -> bool:
-        """Whether a sync must measure its consensus distance on its own: never, the
-        average gives it."""
-        return False

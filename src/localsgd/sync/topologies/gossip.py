@@ -133,9 +133,6 @@ class Gossip(Part):
         self.info = info
         self.matrix = self.graph(info.world_size)
         self.hood = self._neighbourhood(self.matrix, info.rank)
-        self.every = cfg.consensus_every
-        self.syncs = 0
-        """Gossip syncs started so far (the measurement counts them)."""
 
     def _neighbourhood(self, w: np.ndarray, rank: int) -> Any:
         return Neighbourhood.of(w, rank)
@@ -149,19 +146,3 @@ class Gossip(Part):
     def everyone(self) -> tuple[Any, int]:
         """(group, size) over which the exact average of all workers is formed."""
         return None, self.info.world_size
-
-    def measure_now(self) -> bool:
-        """Count a sync; whether its consensus distance is to be measured."""
-        due = self.every > 0 and self.syncs % self.every == 0
-        self.syncs += 1
-        return due
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"syncs": self.syncs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.syncs = int(state.get("syncs", 0))
-
-    @classmethod
-    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"syncs": max((int(s.get("syncs", 0)) for s in states), default=0)}
