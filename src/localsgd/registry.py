@@ -49,6 +49,8 @@ class Facts:
     """model.precision."""
     topology: str = "complete"
     """sync.topology: who exchanges with whom at a sync."""
+    compression: str = "none"
+    """sync.compression.method: what travels, at syncs and for mini-batch gradients."""
 
 
 class Part:

@@ -162,7 +162,7 @@ for _base in (Ring, Torus, Expander):
 class ThreadSum(Mean):
     name = "threads"
 
-    def start(self, flat: torch.Tensor, group: Any) -> Any:
+    def start(self, flat: torch.Tensor, group: Any, slices: Any = None) -> Any:
         group.all_reduce(flat)
         return None
 

@@ -92,8 +92,9 @@ class Averager:
         sq = 0.0
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
-            with self.meter.timed(kind, self.reducer.payload_bytes(bucket.flat, group)):
-                work = self.reducer.start(bucket.flat, group)
+            nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
+            with self.meter.timed(kind, nbytes):
+                work = self.reducer.start(bucket.flat, group, bucket.slices)
                 result = self.reducer.finish(work, bucket.flat, size)
             for s in bucket.slices:
                 n = s.local.numel()

@@ -110,12 +110,20 @@ class SyncJob:
     def run(self) -> float:
         tensors, params, _ = self.tensors()
         measured = self._measured()
-        # The last average of a run is exact whatever the topology: the saved model is the
-        # consensus.
-        averager = self.ctl.exact if self.final else self.ctl.averager
+        # The last average of a run is exact whatever the topology or reducer (the saved
+        # model is the consensus), and so are intra-node averages (compression is for the
+        # links between nodes).
+        exact = self.final or self.action != GLOBAL
+        averager = self.ctl.exact if exact else self.ctl.averager
         group = self.ctl.topology.everyone() if self.final else self.ctl.topology.group(
             self.action)
-        distance = averager.average(tensors, *group, params=params, update=self._update())
+        if not exact and getattr(self.ctl.reducer, "params_only", False):
+            distance = averager.average(tensors[:params], *group, params=params,
+                                        update=self._update())
+            if len(tensors) > params:
+                self.ctl.exact.average(tensors[params:], *group)
+        else:
+            distance = averager.average(tensors, *group, params=params, update=self._update())
         self._applied()
         return distance if measured is None else measured
 
@@ -196,7 +204,9 @@ class SyncController:
 
     def _at_consensus(self, target: SyncTarget) -> None:
         if self.schedule.phase(self.step) == LOCAL and self.in_consensus():
-            self.update.at_consensus(self.step, target.sync_params())
+            for part in (self.update, self.reducer):
+                if hasattr(part, "at_consensus"):
+                    part.at_consensus(self.step, target.sync_params())
 
     def measure_now(self) -> bool:
         """Count a global sync; whether it must measure its consensus distance apart (its

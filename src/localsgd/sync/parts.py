@@ -49,8 +49,10 @@ class SyncCommon:
     all-reduce) or a gossip graph: ring, torus or expander (each worker mixes with its
     neighbours by point-to-point sends, weights from the graph's mixing matrix)."""
     reducer: str = "auto"
-    """What travels: mean (the exact mean, one all-reduce per bucket) or gossip (a bucket to
-    each graph neighbour, mixed with their weights); auto picks the one the topology needs."""
+    """What travels: mean (the exact mean, one all-reduce per bucket), gossip (a bucket to
+    each graph neighbour, mixed with their weights) or compressed (model deltas compressed
+    by ``sync.compression``, all-gathered); auto picks compressed when
+    ``sync.compression.method`` is set, else what the topology needs."""
     update: str = "copy"
     """How the result is applied: copy (every worker takes the average) or outer (an outer
     optimizer steps on the anchor with the averaged pseudo-gradient, as SlowMo and DiLoCo;
@@ -84,6 +86,9 @@ def _resolve(cfg: Any, key: str) -> str:
     if key == "runner" and value == "auto":
         return "overlapped" if getattr(cfg, "overlap_steps", 0) != 0 else "blocking"
     if key == "reducer" and value == "auto":
+        compression = getattr(cfg, "compression", None)
+        if compression is not None and compression.method != "none":
+            return "compressed"
         topology = TOPOLOGIES.find(str(cfg.topology))
         return str(getattr(topology, "reducer", "mean"))
     return str(value)

@@ -36,12 +36,12 @@ class GossipMix(Part):
     def kind(self, requested: str) -> str:
         return "gossip" if requested == "average" else requested
 
-    def payload_bytes(self, flat: torch.Tensor, hood: Any = None) -> int:
+    def payload_bytes(self, flat: torch.Tensor, hood: Any = None, slices: Any = None) -> int:
         """Bytes this rank sends for ``flat``: one copy per neighbour."""
         peers = len(hood.peers) if hood is not None else 1
         return peers * flat.numel() * flat.element_size()
 
-    def start(self, flat: torch.Tensor, hood: Any) -> Any:
+    def start(self, flat: torch.Tensor, hood: Any, slices: Any = None) -> Any:
         return hood.exchange(flat)
 
     def finish(self, work: Any, flat: torch.Tensor, size: int) -> torch.Tensor:

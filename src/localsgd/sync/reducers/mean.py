@@ -39,11 +39,12 @@ class Mean(Part):
         for ``requested`` (``average``, ``eval``): a compressed reducer may keep its own."""
         return requested
 
-    def payload_bytes(self, flat: torch.Tensor, group: Any = None) -> int:
+    def payload_bytes(self, flat: torch.Tensor, group: Any = None, slices: Any = None) -> int:
         """Bytes this rank hands to the collective for ``flat``."""
         return flat.numel() * flat.element_size()
 
-    def start(self, flat: torch.Tensor, group: dist.ProcessGroup | None) -> Any:
+    def start(self, flat: torch.Tensor, group: dist.ProcessGroup | None,
+              slices: Any = None) -> Any:
         """Begin reducing ``flat`` in place over ``group``; returns what ``finish`` needs.
 
         The collective runs in the background (gloo's worker threads; NCCL's own stream on
