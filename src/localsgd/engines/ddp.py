@@ -20,6 +20,7 @@ from localsgd.engines.base import EnginePart, momentum_tensors
 from localsgd.engines.precision import Autocast
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.sync.accounting import CommMeter
+from localsgd.sync.grad_compression import hook as compressed_hook
 
 # BatchNorm buffers are averaged by the sync parts, never broadcast from rank 0 in forward.
 # torch 2.14 renamed ``broadcast_buffers`` to ``forward_sync_buffers``; older releases only
@@ -83,7 +84,11 @@ class DDPEngine(EnginePart):
             init_sync=False,
             gradient_as_bucket_view=True,
         )
-        self.wrapped.register_comm_hook(_HookState(meter, info.world_size), _counting_allreduce)
+        if ctx.grad_compression is not None and info.world_size > 1:
+            self.wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
+        else:
+            self.wrapped.register_comm_hook(_HookState(meter, info.world_size),
+                                            _counting_allreduce)
         self.amp = Autocast(ctx.facts.precision, info.device)
 
     def train(self, mode: bool = True) -> None:

@@ -184,7 +184,14 @@ class DeepSpeedEngine(EnginePart):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        return check_deepspeed_config(cfg.deepspeed_config, facts)
+        problems = check_deepspeed_config(cfg.deepspeed_config, facts)
+        if facts.compression != "none" and facts.algorithm in ("minibatch", "post_local"):
+            problems.append(
+                f"sync.compression.method: {facts.compression} compresses mini-batch "
+                "gradients through DDP's comm hook, and DeepSpeed reduces its gradients "
+                "itself; use engine.name=ddp, or sync.algorithm=local or hierarchical (model "
+                "deltas are compressed on DeepSpeed's fp32 masters)")
+        return problems
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:
         module, optimizer, info, meter = ctx.module, ctx.optimizer, ctx.info, ctx.meter

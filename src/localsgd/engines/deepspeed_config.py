@@ -177,7 +177,12 @@ def _reconcile(ds: dict[str, Any], path: str,
                  "themselves; the trainer evaluates, averages and saves whole models, so use "
                  "stage 0, 1 or 2")
     elif stage >= 1:
-        if facts.topology != "complete":
+        if facts.compression != "none":
+            p.append(f"{where} sets zero_optimization.stage={stage}, but "
+                     f"sync.compression.method={facts.compression} compresses whole gradient "
+                     "buckets and model deltas, which ZeRO partitions across workers; use a "
+                     "stage-0 config (e.g. deepspeed_configs/zero0_fp32.json)")
+        elif facts.topology != "complete":
             p.append(f"{where} sets zero_optimization.stage={stage}, but "
                      f"sync.topology={facts.topology} mixes whole models between neighbours, "
                      "and ZeRO partitions optimizer state (and gradients from stage 2) across "

@@ -36,6 +36,9 @@ class EngineContext:
     meter: CommMeter
     facts: Facts
     """Batch, accumulation, world size and whether the schedule takes local steps."""
+    grad_compression: Any = None
+    """A ``sync.grad_compression.CompressedGrads``: mini-batch gradients travel compressed
+    through it instead of the plain all-reduce (``sync.compression.method``)."""
 
 
 SECTION = Section("engine", EngineCommon, {"name": ENGINES})

@@ -1,0 +1,223 @@
+"""Compressed model averaging: the paper's local (EF-)sign, top-k, random-k and QSGD variants.
+
+At a global sync every worker compresses its model delta since the last consensus,
+d_i = anchor - theta_i (per tensor; with error feedback the residual of earlier syncs is
+added first and the part the codec dropped is kept for the next one), the payloads of all
+workers are exchanged with one all-gather per bucket (signs bit-packed, sparse payloads as
+values and indices: ``comm/bytes`` counts what really travels), and every worker decodes all
+of them alike and takes
+
+    theta <- anchor - mean_i decode(payload_i),        anchor <- theta
+
+so the workers agree bit for bit after each sync, on a model that is not their exact average
+(the consensus distance is the distance to it, unless ``sync.consensus_every`` measures the
+true one). Only parameters are compressed: BatchNorm statistics and momentum (with
+``sync.momentum=average``) travel exactly, through the mean. Intra-node averages of
+hierarchical SGD are exact means too (within a node uncompressed, across nodes compressed);
+the anchor is the last global consensus. Evaluation and the run's final model use the exact
+average.
+
+Memory: the anchor (one copy of the parameters) and, with error feedback, the residual
+(another). Both are in the checkpoint; on a world-size change the anchor (the same on every
+worker) is kept and the residuals are merged by the codec library's rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from localsgd.registry import Facts, Part, need
+from localsgd.sync.codecs.base import CODECS, Payload
+from localsgd.sync.codecs.feedback import ErrorFeedback
+from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+
+
+@dataclass
+class CompressionKeys:
+    method: str = "none"
+    """What travels at a sync (model deltas) and, in mini-batch steps on DDP, for gradients:
+    none | bf16 | sign | ef_sign | topk | randomk | qsgd."""
+    ratio: float = 0.01
+    """Fraction of the elements top-k and random-k keep, in (0, 1]."""
+    levels: int = 4
+    """QSGD: bits per magnitude; 2^levels - 1 quantization levels (>= 1)."""
+    error_feedback: bool = False
+    """Keep what the codec dropped and add it to the next payload (ef_sign always does)."""
+
+
+@dataclass
+class CompressedKeys:
+    compression: CompressionKeys = field(default_factory=CompressionKeys)
+    """Compressed communication (sync.reducer=auto picks compressed when method != none)."""
+    consensus_every: int = 0
+    """With a gossip topology (ring, torus, expander) or compression: measure the true
+    consensus distance (one exact all-reduce of the parameters, counted as comm/consensus)
+    at every N-th sync; 0 never, and sync records then carry no distance. Evaluation and the
+    final model use the exact average either way."""
+
+
+def build_codec(keys: CompressionKeys) -> Any:
+    return CODECS.get(keys.method)(ratio=keys.ratio, levels=keys.levels)
+
+
+def uses_feedback(keys: CompressionKeys) -> bool:
+    return keys.error_feedback or bool(getattr(CODECS.get(keys.method), "error_feedback", False))
+
+
+def check_compression(keys: CompressionKeys) -> list[str]:
+    p: list[str] = []
+    check = need(p)
+    if CODECS.find(keys.method) is None:
+        p.append(CODECS.unknown(keys.method))
+    check(0 < keys.ratio <= 1, f"sync.compression.ratio: must be in (0, 1], got {keys.ratio}")
+    check(keys.levels >= 1, f"sync.compression.levels: must be >= 1, got {keys.levels}")
+    check(keys.method != "qsgd" or keys.levels <= 16,
+          f"sync.compression.levels: qsgd packs 1 + levels bits per element, at most 17; "
+          f"got levels={keys.levels}")
+    return p
+
+
+GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""torch 2.14 renamed all_gather_into_tensor; older releases only know that name."""
+
+
+def exchange(payload: Payload, group: Any, world: int) -> tuple[Any, torch.Tensor]:
+    """Start an all-gather of ``payload`` as one byte tensor; (work, gathered bytes)."""
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in payload.tensors])
+    out = torch.empty(world * flat.numel(), dtype=torch.uint8, device=flat.device)
+    return GATHER(out, flat, group=group, async_op=True), out
+
+
+def split(gathered: torch.Tensor, shapes: list[tuple[tuple[int, ...], torch.dtype]],
+          world: int) -> list[Payload]:
+    """The ``world`` payloads in a gathered byte tensor."""
+    out: list[Payload] = []
+    for rank_bytes in gathered.view(world, -1):
+        tensors, pos = [], 0
+        for shape, dtype in shapes:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            # A copy: the slice may start off the dtype's alignment.
+            tensors.append(rank_bytes[pos:pos + n].clone().view(dtype).reshape(shape))
+            pos += n
+        out.append(Payload(tensors))
+    return out
+
+
+@dataclass
+class Pending:
+    work: Any
+    gathered: torch.Tensor
+    segments: list[tuple[int, int]]
+    anchor: torch.Tensor
+    slices: list[tuple[int, int, int, int]]
+    """(tensor index, first element, position in the bucket, numel) of each slice."""
+
+
+@REDUCERS.register
+class Compressed(Part):
+    name = "compressed"
+    exact = False
+    params_only = True
+    """Buffers and momentum that travel with the parameters take the exact mean."""
+    Config = CompressedKeys
+
+    @classmethod
+    def check(cls, cfg: Any, facts: Facts) -> list[str]:
+        keys = cfg.compression
+        p = check_compression(keys)
+        if keys.method == "none":
+            p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
+                     "topk, randomk, qsgd or bf16); or use sync.reducer=auto")
+        topology = TOPOLOGIES.find(cfg.topology)
+        if topology is not None and getattr(topology, "gossip", False):
+            p.append(f"sync.compression.method: {keys.method} with sync.topology="
+                     f"{cfg.topology} is not supported: compressed payloads are all-gathered "
+                     "from every worker; use sync.topology=complete")
+        if getattr(cfg, "overlap_steps", 0) > 0:
+            p.append(f"sync.compression.method: {keys.method} cannot run overlapped yet (the "
+                     "anchor would move under the average in flight); use "
+                     "sync.overlap_steps=0")
+        if cfg.update != "copy":
+            p.append(f"sync.update: {cfg.update} with compressed averages is not supported; "
+                     "use sync.update=copy")
+        return p
+
+    def __init__(self, cfg: Any) -> None:
+        self.keys = cfg.compression
+        self.codec = build_codec(self.keys)
+        self.feedback = ErrorFeedback() if uses_feedback(self.keys) else None
+        self.anchor: list[torch.Tensor] = []
+        self.generator: torch.Generator | None = None
+        self.seed = 0
+
+    def kind(self, requested: str) -> str:
+        return requested
+
+    def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
+        """Every worker holds ``params``: the deltas of the next sync start from them."""
+        self.anchor = [p.detach().clone() for p in params]
+        self.seed = step
+
+    def payload_bytes(self, flat: torch.Tensor, group: Any = None, slices: Any = None) -> int:
+        segments = ([(s.pos, s.pos + s.local.numel()) for s in slices] if slices is not None
+                    else [(0, flat.numel())])
+        return sum(math.prod(s) * torch.empty((), dtype=d).element_size()
+                   for s, d in self.codec.payload_shapes(flat.numel(), segments, flat.dtype))
+
+    def start(self, flat: torch.Tensor, group: Any, slices: Any = None) -> Pending:
+        if not self.anchor or slices is None:
+            raise RuntimeError("compressed reducer: no anchor; the controller must call "
+                               "at_consensus before the first sync")
+        spans = [(s.index, s.start, s.pos, s.local.numel()) for s in slices]
+        anchor = torch.empty_like(flat)
+        for index, first, pos, n in spans:
+            anchor[pos:pos + n] = self.anchor[index].reshape(-1)[first:first + n]
+        delta = anchor - flat
+        segments = [(pos, pos + n) for _, _, pos, n in spans]
+        # A different random-k draw at every sync and bucket, the same on every resume.
+        gen = torch.Generator(device=flat.device).manual_seed(
+            self.seed * 1_000_003 + spans[0][0] * 1009 + spans[0][1])
+        if self.feedback is not None:
+            key = f"{spans[0][0]}:{spans[0][1]}:{flat.numel()}"
+            payload = self.feedback.compress(key, delta, self.codec, segments, gen)
+        else:
+            payload = self.codec.encode(delta, segments, gen)
+        world = dist.get_world_size(group)
+        work, gathered = exchange(payload, group, world)
+        return Pending(work, gathered, segments, anchor, spans)
+
+    def finish(self, work: Pending, flat: torch.Tensor, size: int) -> torch.Tensor:
+        work.work.wait()
+        shapes = self.codec.payload_shapes(flat.numel(), work.segments, flat.dtype)
+        payloads = split(work.gathered, shapes, size)
+        total = torch.zeros_like(flat)
+        for payload in payloads:
+            total += self.codec.decode(payload, flat.numel(), work.segments, flat.dtype)
+        result = work.anchor - total / size
+        for index, first, pos, n in work.slices:
+            self.anchor[index].reshape(-1)[first:first + n] = result[pos:pos + n]
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        # Copies: the anchor is updated in place at every sync.
+        return {"anchor": [a.clone() for a in self.anchor], "seed": self.seed,
+                "feedback": self.feedback.state_dict() if self.feedback else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "anchor" in state:
+            self.anchor = list(state["anchor"])
+        self.seed = int(state.get("seed", 0))
+        if self.feedback is not None:
+            self.feedback.load_state_dict(state.get("feedback", {}))
+
+    @classmethod
+    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
+        if not states:
+            return {}
+        return {"anchor": states[0].get("anchor", []), "seed": states[0].get("seed", 0),
+                "feedback": ErrorFeedback.merge_states([s.get("feedback", {}) for s in states])}
