@@ -41,9 +41,13 @@ def free_port() -> int:
 def run(name: str, overrides: list[str], workers: int, seed: int, out: Path,
         data: Path) -> dict[str, Any]:
     run_dir = out / f"{name}-k{workers}-seed{seed}"
+    # A variant may name another worker script (PyTorch's PowerSGD peer) as "entry=PATH".
+    entry = next((o.split("=", 1)[1] for o in overrides if o.startswith("entry=")),
+                 "torchrun_entry.py")
+    overrides = [o for o in overrides if not o.startswith("entry=")]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={workers}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(REPO / "torchrun_entry.py"), str(REPO / "recipes" / "quickstart.yaml"),
+           str(REPO / entry), str(REPO / "recipes" / "quickstart.yaml"),
            f"seed={seed}", *overrides, f"data.root={data}", "data.download=false",
            "data.num_workers=0", "train.progress=false", "run.resume=false",
            "run.checkpoint_every_epochs=0", f"run.dir={run_dir}"]
@@ -57,6 +61,8 @@ def run(name: str, overrides: list[str], workers: int, seed: int, out: Path,
     return {"variant": name, "workers": workers, "seed": seed, "ok": True,
             "acc": s["eval/acc"], "best_acc": s["eval/best_acc"], "wall_s": s["time/wall_s"],
             "bytes": s["comm/bytes"], "average_calls": s.get("comm/average/calls", 0),
+            "grad_bytes": s.get("comm/grad/bytes", 0),
+            "average_bytes": s.get("comm/average/bytes", 0),
             "average_wait_s": s.get("comm/average/wait_s", 0.0),
             "average_s": s.get("comm/average/seconds", 0.0)}
 

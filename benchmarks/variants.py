@@ -10,6 +10,16 @@ from __future__ import annotations
 MINIBATCH = ["sync.algorithm=minibatch", "sync.period=1", "sync.switch_epoch=null"]
 POST_LOCAL_H16 = ["sync.algorithm=post_local", "sync.period=16"]
 LOCAL = ["sync.algorithm=local", "sync.switch_epoch=null"]
+COMPRESSION = {
+    "none": [],
+    "bf16": ["sync.compression.method=bf16"],
+    "sign": ["sync.compression.method=sign"],
+    "ef_sign": ["sync.compression.method=ef_sign"],
+    "topk": ["sync.compression.method=topk", "sync.compression.ratio=0.01",
+             "sync.compression.error_feedback=true"],
+    "randomk": ["sync.compression.method=randomk", "sync.compression.ratio=0.25"],
+    "qsgd": ["sync.compression.method=qsgd", "sync.compression.levels=4"],
+}
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     # The paper's comparison.
@@ -27,6 +37,16 @@ PRESETS: dict[str, dict[str, list[str]]] = {
                    "sync.outer.scale_by_inner_lr=false"],
         # H = max(16, (0.8 / lr)^2): 16 at the 2-worker peak LR of 0.2, 1600 after decay.
         "qsr": [*POST_LOCAL_H16, "sync.period_rule=qsr", "sync.qsr_alpha=0.8"],
+    },
+    # Compressed communication (sync.compression): gradients of mini-batch SGD ("mb_"),
+    # model deltas of local SGD with H=16 from the first step ("h16_"), and PyTorch's
+    # PowerSGD hook (rank 1 and 2) as the peer of compressed mini-batch SGD.
+    "compression": {
+        **{f"{group}_{name}": [*base, *method]
+           for group, base in (("mb", MINIBATCH), ("h16", [*LOCAL, "sync.period=16"]))
+           for name, method in COMPRESSION.items()},
+        "powersgd_r1": ["entry=benchmarks/powersgd_entry.py", "--powersgd-rank=1"],
+        "powersgd_r2": ["entry=benchmarks/powersgd_entry.py", "--powersgd-rank=2"],
     },
     # Gossip on a ring against all-reduce averaging, local SGD from the first step; the
     # measured variant adds one exact all-reduce per sync to log the consensus distance.

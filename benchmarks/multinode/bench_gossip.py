@@ -70,18 +70,19 @@ def _f(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
-    lines = ["| rate | variant | steady steps/s | / no-comm | ring / all-reduce | syncs | "
+def table(rows: list[dict[str, Any]], rates: Sequence[str], names: Sequence[str] = NAMES,
+          pairs: dict[int, tuple[str, str]] = PAIRS, vs: str = "ring / all-reduce") -> str:
+    lines = [f"| rate | variant | steady steps/s | / no-comm | {vs} | syncs | "
              "MiB sent per sync (rank 0) | wire MiB per node / expected | consensus at the "
              "last sync |", "|---" * 9 + "|"]
     for rate in rates:
-        for name in NAMES:
+        for name in names:
             mine = [r for r in rows if r["rate"] == rate and r["variant"] == name and r["ok"]]
             if not mine:
                 continue
             steady = median([r["steady_steps_per_s"] for r in mine if r.get("steady_steps_per_s")])
-            pair = next((p for p in PAIRS.values() if name == p[1]), None)
-            vs = _f(ratio_by_round(rows, rate, name, pair[0])) if pair else "-"
+            pair = next((p for p in pairs.values() if name == p[1]), None)
+            against = _f(ratio_by_round(rows, rate, name, pair[0])) if pair else "-"
             first = mine[0]
             wire = median([r["wire_tx_mean"] for r in mine if "wire_tx_mean" in r])
             expected = median([r["expected_wire_bytes_per_node"] for r in mine
@@ -90,14 +91,15 @@ def table(rows: list[dict[str, Any]], rates: Sequence[str]) -> str:
             last = first["consensus"][-1][1] if first["consensus"] else None
             lines.append(
                 f"| {rate} | {name} | {_f(steady, '.3f')} | "
-                f"{_f(ratio_by_round(rows, rate, name, BOUND))} | {vs} | {first['syncs']} | "
+                f"{_f(ratio_by_round(rows, rate, name, BOUND))} | {against} | {first['syncs']} | "
                 f"{_f(per / 2**20 if per else None, '.3f')} | "
                 f"{_f(wire / 2**20 if wire else None, '.1f')} / "
                 f"{_f(expected / 2**20 if expected else None, '.1f')} | {_f(last, '.3f')} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], rates: Sequence[str], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], rates: Sequence[str], path: Path,
+         names: Sequence[str] = NAMES) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +117,8 @@ def plot(rows: list[dict[str, Any]], rates: Sequence[str], path: Path) -> None:
     for rate in rates:
         values = [median([r["steady_steps_per_s"] for r in rows if r["rate"] == rate
                           and r["variant"] == n and r.get("steady_steps_per_s")]) or 0.0
-                  for n in NAMES]
-        right.bar([f"{n}\n{rate}" if len(rates) > 1 else n for n in NAMES], values)
+                  for n in names]
+        right.bar([f"{n}\n{rate}" if len(rates) > 1 else n for n in names], values)
     right.set(ylabel="steady steps/s (median)", title="Speed over the shaped links")
     right.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
@@ -132,10 +134,12 @@ def variant(name: str, args: argparse.Namespace) -> Any:
                                                 f"data.synthetic_samples={samples}"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
+def main(argv: Sequence[str] | None = None, names: Sequence[str] = NAMES,
+         pairs: dict[int, tuple[str, str]] = PAIRS, vs: str = "ring / all-reduce",
+         stem: str = "gossip", nodes: int = 4, doc: str | None = None) -> int:
+    ap = argparse.ArgumentParser(description=doc or __doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--nodes", type=int, default=nodes)
     ap.add_argument("--rates", default="20mbit")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=64, help="a multiple of 16, at least 32")
@@ -144,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rates = [r for r in args.rates.split(",") if r]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work = Path("/tmp") / f"lsgd-gossip-{stamp}"
+    work = Path("/tmp") / f"lsgd-{stem}-{stamp}"
     rows: list[dict[str, Any]] = []
     topo = netem.Topology(args.nodes, rates[0])
     try:
@@ -152,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for rnd in range(args.repeats):
                 for rate in rates:
                     netem.set_rate(topo, rate)
-                    for name in NAMES:
+                    for name in names:
                         out = work / f"round{rnd}"
                         row = bench_links.measure(variant(name, args), rate, args.nodes,
                                                   args.steps, args.batch, out)
@@ -165,18 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"steps/s={_f(row.get('steady_steps_per_s'), '.3f')} "
                               f"wire/expected={_f(row.get('wire_ratio'), '.3f')}", flush=True)
     except netem.NotRootError as exc:
-        print(f"bench_gossip: error: {exc}", file=sys.stderr)
+        print(f"bench_{stem}: error: {exc}", file=sys.stderr)
         return 1
-    text = table(rows, rates)
+    text = table(rows, rates, names, pairs, vs)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": netem.os.cpu_count(), "shaper": topo.shaper, "steps": args.steps,
             "batch": args.batch, "nodes": args.nodes, "repeats": args.repeats,
             "model": "resnet20", "data": "synthetic 32x32"}
-    (args.out / f"gossip-{stamp}.json").write_text(
+    (args.out / f"{stem}-{stamp}.json").write_text(
         json.dumps({"meta": meta, "rows": rows, "table": text}, indent=1))
-    plot(rows, rates, args.out / f"gossip-{stamp}.png")
-    print(f"wrote {args.out}/gossip-{stamp}.json and .png")
+    plot(rows, rates, args.out / f"{stem}-{stamp}.png", names)
+    print(f"wrote {args.out}/{stem}-{stamp}.json and .png")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -65,6 +65,14 @@ VARIANTS = {v.name: v for v in (
     # Gossip on a ring (sync.topology=ring): each sync sends the model to both neighbours.
     Variant("ring-H4", ("sync.algorithm=local", "sync.period=4", "sync.topology=ring")),
     Variant("ring-H16", ("sync.algorithm=local", "sync.period=16", "sync.topology=ring")),
+    # Compressed communication (sync.compression) and PyTorch's PowerSGD gradient hook.
+    Variant("local-H16-ef_sign", ("sync.algorithm=local", "sync.period=16",
+                                  "sync.compression.method=ef_sign")),
+    Variant("minibatch-ef_sign", ("sync.algorithm=minibatch", "sync.compression.method=ef_sign")),
+    Variant("powersgd-r1", ("--powersgd-rank=1",), entry=netem.REPO / "benchmarks" /
+            "powersgd_entry.py"),
+    Variant("powersgd-r2", ("--powersgd-rank=2",), entry=netem.REPO / "benchmarks" /
+            "powersgd_entry.py"),
     Variant("ring-H4-measured", ("sync.algorithm=local", "sync.period=4", "sync.topology=ring",
                                  "sync.consensus_every=1")),
 )}

@@ -162,3 +162,21 @@ def test_ring_gossip_sends_to_two_neighbours_ends_in_consensus_and_resumes_bitwi
     for k, v in model.items():
         mean = torch.stack([r[k].double() for r in ranks]).mean(dim=0)
         torch.testing.assert_close(v.double(), mean, rtol=0, atol=1e-6)
+
+
+def test_ef_sign_compresses_gradients_and_deltas_and_resumes_bitwise(tmp_path: Path) -> None:
+    """Post-local SGD with EF-sign: mini-batch gradients through the compressed DDP hook,
+    then model deltas at each sync; both residuals live in the checkpoint."""
+    common = ["sync.algorithm=post_local", "sync.switch_step=20", "sync.period=4",
+              "sync.compression.method=ef_sign", "run.checkpoint_every_epochs=1",
+              "train.epochs=3"]
+    sa, sb = cut_and_resumed(tmp_path, common)
+    plain = tmp_path / "plain"
+    torchrun(synthetic_args(plain, *common[:3], "run.checkpoint_every_epochs=0",
+                            "train.epochs=3", "train.max_steps=40"))
+    sp = summary(plain)
+    # Signs travel 32 to an int32 word, plus one float32 scale per tensor.
+    assert 0 < sa["comm/grad/bytes"] <= sp["comm/grad/bytes"] / 25
+    assert 0 < sa["comm/average/bytes"] <= sp["comm/average/bytes"] / 25
+    assert sa["comm/grad/bytes"] == sb["comm/grad/bytes"]
+    assert sa["comm/average/bytes"] == sb["comm/average/bytes"]

@@ -291,10 +291,12 @@ class SyncController:
                     d.copy_(s)
 
     def extra_bytes(self) -> int:
-        """The most memory syncs held besides the model: averaging buckets plus whatever an
-        overlapped runner kept in flight (snapshots and buffers being reduced)."""
+        """The most memory syncs held besides the model: averaging buckets, whatever an
+        overlapped runner kept in flight (snapshots and buffers being reduced) and what a
+        reducer keeps between syncs (a compressed reducer's anchor and residuals)."""
         buckets = sum(b.numel() * b.element_size() for b in self.averager.bucketer.buffers.values())
-        return buckets + self.runner.peak_bytes
+        held = getattr(self.reducer, "held_bytes", None)
+        return buckets + self.runner.peak_bytes + (held() if held is not None else 0)
 
     def pop_events(self) -> list[SyncEvent]:
         events, self.events = self.events, []

@@ -203,6 +203,11 @@ class Compressed(Part):
             self.anchor[index].reshape(-1)[first:first + n] = result[pos:pos + n]
         return result
 
+    def held_bytes(self) -> int:
+        """Memory kept between syncs: the anchor and the error-feedback residuals."""
+        tensors = [*self.anchor, *(self.feedback.residuals.values() if self.feedback else [])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def state_dict(self) -> dict[str, Any]:
         # Copies: the anchor is updated in place at every sync.
         return {"anchor": [a.clone() for a in self.anchor], "seed": self.seed,
