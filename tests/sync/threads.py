@@ -95,11 +95,15 @@ class ThreadSum(Mean):
 class FakeTarget:
     """A model without a model: parameters, buffers and momentum that drift per rank."""
 
-    def __init__(self, rank: int, shapes: list[tuple[int, ...]] | None = None) -> None:
+    def __init__(self, rank: int, shapes: list[tuple[int, ...]] | None = None,
+                 channels_last: bool = False) -> None:
         shapes = shapes or [(40,), (7, 3), (5,)]
         g = torch.Generator().manual_seed(0)  # identical start on every rank
         self.rank = rank
         self.params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        if channels_last:  # 4-D tensors as a channels_last model holds its conv weights
+            self.params = [p.contiguous(memory_format=torch.channels_last) if p.dim() == 4
+                           else p for p in self.params]
         self.buffers = [torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long)]
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self.refreshed = 0
@@ -156,11 +160,13 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                 between: Callable[[Worker, int], None] | None = None,
                 resume: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
                 lr_at: Callable[[int], float] | None = None,
+                target: Callable[[int], FakeTarget] = FakeTarget,
                 ) -> tuple[list[Worker], World]:
     """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``).
 
     ``resume`` gives each rank a controller state and the target's tensors (parameters,
-    buffers, momentum) to continue from, as a checkpoint would.
+    buffers, momentum) to continue from, as a checkpoint would. ``target`` makes each rank's
+    FakeTarget from its rank.
     """
     global _world
     _world = World(world, local_world)
@@ -176,7 +182,7 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
             ctl = SyncController.build(cfg, info, meter, steps_per_epoch=10,
                                        observers=observers(rank) if observers else None,
                                        lr_at=lr_at)
-            w = Worker(rank, FakeTarget(rank), ctl, meter)
+            w = Worker(rank, target(rank), ctl, meter)
             workers[rank] = w
             if resume is not None:
                 state, tensors = resume[rank]
