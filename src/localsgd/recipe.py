@@ -59,6 +59,8 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
                  local_steps=schedule is not None and schedule.has_local_steps(cfg.sync),
                  algorithm=cfg.sync.algorithm, optimizer=str(cfg.optim.name.value),
                  precision=str(cfg.model.precision.value),
+                 channels_last=bool(cfg.model.channels_last),
+                 compile_backend=str(cfg.train.compile_backend) if cfg.train.compile else None,
                  world_size=world_size, local_world_size=local_world_size)
 
 

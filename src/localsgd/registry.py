@@ -47,6 +47,10 @@ class Facts:
     """optim.name: the inner optimizer."""
     precision: str = "fp32"
     """model.precision."""
+    channels_last: bool = False
+    """model.channels_last."""
+    compile_backend: str | None = None
+    """train.compile_backend when train.compile is on, else None."""
 
 
 class Part:

@@ -85,6 +85,13 @@ class DDPEngine(EnginePart):
         )
         self.wrapped.register_comm_hook(_HookState(meter, info.world_size), _counting_allreduce)
         self.amp = Autocast(ctx.facts.precision, info.device)
+        backend = ctx.facts.compile_backend
+        # train.compile: the DDP wrapper is compiled, not the bare module, so dynamo splits
+        # the graph at DDP's bucket boundaries and all-reduces still overlap with backward.
+        # The module itself stays plain: its parameters are what the sync code averages,
+        # its state_dict has no prefixes, and evaluation and the averaged copy run it as is.
+        self.step_module = (self.wrapped if backend is None
+                        else torch.compile(self.wrapped, backend=backend))
 
     def train(self, mode: bool = True) -> None:
         self.wrapped.train(mode)
@@ -97,7 +104,7 @@ class DDPEngine(EnginePart):
         rebuilt = self.wrapped._has_rebuilt_buckets
         with timer.phase("forward"):
             with self.amp.forward():
-                logits = self.wrapped(x)
+                logits = self.step_module(x)
             if self.amp.dtype is not None:
                 logits = logits.float()  # the loss in fp32, as autocast would compute it
             loss = loss_fn(logits, y)
