@@ -72,10 +72,10 @@ def general_rules(cfg: Any) -> list[str]:
     need(t.target_acc is None or 0 < t.target_acc <= 1,
          f"train.target_acc: must be in (0, 1] (a fraction, not a percentage), got {t.target_acc}")
     if t.compile:
-        backends = compile_backends()
-        need(t.compile_backend in backends,
+        need(t.compile_backend in compile_backends(),
              f"train.compile_backend: torch.compile has no backend '{t.compile_backend}'; "
-             f"use one of {', '.join(backends)}")
+             "use inductor, aot_eager or eager (torch.compiler.list_backends(exclude_tags=()) "
+             "lists every one)")
 
     need(0 <= s.warmup_epochs < t.epochs or s.warmup_epochs == 0,
          f"lr_schedule.warmup_epochs: must be in [0, train.epochs={t.epochs}), "
