@@ -28,12 +28,12 @@ module is given hooks that cast floating inputs to bf16 and outputs to fp32, so 
 loss and evaluation see fp32 logits; its BatchNorm layers compute in fp32 on fp32 running
 statistics (``engines/precision.py``). The JSON's bf16 section follows ``model.precision``.
 ``torch_autocast`` keeps fp32 weights (its own masters).
+ZeRO stages 1-2 run mini-batch SGD only; their reductions and gathers count as ``grad``.
 
 Layout and compilation. ``train.compile`` goes through ``DeepSpeedEngine.compile``.
 ``model.channels_last`` is refused (``check``): DeepSpeed broadcasts each parameter at set-up
 as a byte view (``p.data.view(torch.uint8)``), which a channels_last weight, whose last
 dimension is not the densest, cannot give.
-ZeRO stages 1-2 run mini-batch SGD only; their reductions and gathers count as ``grad``.
 
 At exit, the process groups DeepSpeed cloned are released while Python is still whole (see
 ``_release_deepspeed_groups``).
