@@ -13,6 +13,9 @@ cuDNN autotuning, allocator growth and loader start-up). Variants:
 - ``localsgd``: ``train_main`` with ``sync.algorithm=minibatch`` (one worker: no collective).
 - ``localsgd-bf16``, ``localsgd-device``, ``localsgd-bf16-device``: the same with
   ``model.precision=bf16`` and/or ``data.pipeline=device``.
+- ``localsgd-channels-last``, ``localsgd-compile``: the same with ``model.channels_last``
+  or ``train.compile`` (its compilation falls in the first, untimed epoch); combine them
+  with the others through the positional overrides, which every variant takes.
 - ``localsgd-synced-timer``: the same, with the phase timer synchronizing the device around
   every phase (how the timer worked before it used CUDA events), to measure that cost.
 
@@ -109,7 +112,9 @@ def hand_loop(cfg, device: torch.device, epochs: int, on_device: bool) -> list[f
 LOCALSGD = {"localsgd": [], "localsgd-synced-timer": [],
             "localsgd-bf16": ["model.precision=bf16"],
             "localsgd-device": ["data.pipeline=device"],
-            "localsgd-bf16-device": ["model.precision=bf16", "data.pipeline=device"]}
+            "localsgd-bf16-device": ["model.precision=bf16", "data.pipeline=device"],
+            "localsgd-channels-last": ["model.channels_last=true"],
+            "localsgd-compile": ["train.compile=true"]}
 
 
 def localsgd_run(recipe: str, overrides: list[str], epochs: int, synced: bool) -> list[float]:

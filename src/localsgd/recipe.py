@@ -61,6 +61,8 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
                  precision=str(cfg.model.precision.value), topology=str(cfg.sync.topology),
                  compression=str(getattr(getattr(cfg.sync, "compression", None), "method",
                                          "none")),
+                 channels_last=bool(cfg.model.channels_last),
+                 compile_backend=str(cfg.train.compile_backend) if cfg.train.compile else None,
                  world_size=world_size, local_world_size=local_world_size)
 
 

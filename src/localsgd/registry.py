@@ -51,6 +51,10 @@ class Facts:
     """sync.topology: who exchanges with whom at a sync."""
     compression: str = "none"
     """sync.compression.method: what travels, at syncs and for mini-batch gradients."""
+    channels_last: bool = False
+    """model.channels_last."""
+    compile_backend: str | None = None
+    """train.compile_backend when train.compile is on, else None."""
 
 
 class Part:

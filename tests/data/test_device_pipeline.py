@@ -72,3 +72,32 @@ def test_training_with_either_pipeline_gives_the_same_model(tmp_path: Path,
     torchrun(synthetic_args(tmp_path / "dev", *common, "data.pipeline=device"))
     a, b = final_model(tmp_path / "tv"), final_model(tmp_path / "dev")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class FakeCifar(torch.utils.data.Dataset):
+    """What the device pipeline reads of a torchvision CIFAR set: uint8 HWC images, labels."""
+
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+        self.targets = [i % 10 for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.data[i], self.targets[i]
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_channels_last_batches_hold_the_same_values_in_the_model_layout(augment: bool) -> None:
+    """model.channels_last: device batches come channels_last (the crop's gather already
+    lies that way), with the values of the default layout's batches."""
+    mean, std = CIFAR_STATS[DatasetName.cifar10]
+    made = [build_device_loader(FakeCifar(), 8, 0, 1, 5, torch.device("cpu"), mean, std,
+                                augment, layout)[0]
+            for layout in (torch.contiguous_format, torch.channels_last)]
+    for (x1, y1), (x2, y2) in zip(*made, strict=True):
+        assert torch.equal(y1, y2) and torch.equal(x1, x2)
+        assert x1.is_contiguous()
+        assert x2.is_contiguous(memory_format=torch.channels_last) and not x2.is_contiguous()

@@ -64,8 +64,12 @@ def ddp_local(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def test_minibatch_equals_ddp(tmp_path: Path, ddp_minibatch: Path) -> None:
-    ds = train(tmp_path / "ds", *MINIBATCH, *deepspeed(FP32))
+@pytest.mark.parametrize("extra", [[], pytest.param(
+    ["train.compile=true", "train.compile_backend=aot_eager"], marks=pytest.mark.slow)],
+    ids=["eager", "compile"])
+def test_minibatch_equals_ddp(tmp_path: Path, ddp_minibatch: Path, extra: list[str]) -> None:
+    """DeepSpeed, eager or compiled (``DeepSpeedEngine.compile``), against eager DDP."""
+    ds = train(tmp_path / "ds", *MINIBATCH, *deepspeed(FP32), *extra)
     ref = summary(ddp_minibatch)
     a, b = final_model(ddp_minibatch), final_model(tmp_path / "ds")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)

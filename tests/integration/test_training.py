@@ -91,12 +91,18 @@ def test_paper_recipe_overridden_to_another_algorithm_runs(
     assert (result["comm/grad/calls"] > 0) == (algorithm == "minibatch")
 
 
-def test_overlapped_resume_with_an_average_in_flight_is_bitwise_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], pytest.param(
+    ["model.channels_last=true", "train.compile=true", "train.compile_backend=aot_eager"],
+    marks=pytest.mark.slow)], ids=["default", "channels_last-compile"])
+def test_overlapped_resume_with_an_average_in_flight_is_bitwise_exact(
+        tmp_path: Path, extra: list[str]) -> None:
     """Real gloo async all-reduces behind local steps; the checkpoint at the end of epoch 1
     (step 16) holds the average started at step 16 (due at 19), which the resumed run
-    applies at 19."""
+    applies at 19. With channels_last the snapshot in flight is in memory order, and a
+    compiled step resumes from the plain module's state_dict."""
     common = ["sync.algorithm=local", "sync.period=4", "sync.overlap_steps=3",
-              "run.checkpoint_every_epochs=1", "train.epochs=3", "model.dtype=float64"]
+              "run.checkpoint_every_epochs=1", "train.epochs=3", "model.dtype=float64",
+              *extra]
     def in_flight(cut: Path) -> None:
         state = torch.load(cut / "checkpoints" / "step-00000016" / "rank0.pt",
                            weights_only=True)

@@ -171,12 +171,15 @@ class FakeTarget:
     """A model without a model: parameters, buffers and momentum that drift per rank."""
 
     def __init__(self, rank: int, shapes: list[tuple[int, ...]] | None = None,
-                 distinct: bool = False) -> None:
+                 distinct: bool = False, channels_last: bool = False) -> None:
         shapes = shapes or [(40,), (7, 3), (5,)]
         # Identical start on every rank, unless asked to differ (gossip without training).
         g = torch.Generator().manual_seed(1000 + rank if distinct else 0)
         self.rank = rank
         self.params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        if channels_last:  # 4-D tensors as a channels_last model holds its conv weights
+            self.params = [p.contiguous(memory_format=torch.channels_last) if p.dim() == 4
+                           else p for p in self.params]
         self.buffers = [torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.long)]
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self.refreshed = 0
@@ -234,13 +237,14 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
                 resume: dict[int, tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
                 lr_at: Callable[[int], float] | None = None,
                 train: bool = True, shapes: list[tuple[int, ...]] | None = None,
+                target: Callable[[int], FakeTarget] | None = None,
                 ) -> tuple[list[Worker], World]:
     """Run ``steps`` steps on ``world`` thread workers (nodes of ``local_world``).
 
     ``resume`` gives each rank a controller state and the target's tensors (parameters,
     buffers, momentum) to continue from, as a checkpoint would. ``train=False`` takes no
     local steps and starts every rank from different parameters (``shapes``), so that only
-    the syncs move them.
+    the syncs move them. ``target`` makes each rank's FakeTarget.
     """
     global _world
     _world = World(world, local_world)
@@ -256,7 +260,9 @@ def run_workers(cfg: Any, steps: int, world: int = 4, local_world: int = 2,
             ctl = SyncController.build(cfg, info, meter, steps_per_epoch=10,
                                        observers=observers(rank) if observers else None,
                                        lr_at=lr_at)
-            w = Worker(rank, FakeTarget(rank, shapes, distinct=not train), ctl, meter)
+            made = (target(rank) if target is not None
+                    else FakeTarget(rank, shapes, distinct=not train))
+            w = Worker(rank, made, ctl, meter)
             workers[rank] = w
             if resume is not None:
                 state, tensors = resume[rank]

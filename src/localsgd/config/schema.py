@@ -90,6 +90,11 @@ class ModelConfig:
     """Compute precision of forward and backward: fp32, or bf16/fp16 mixed precision
     (autocast on DDP with a per-worker gradient scaler for fp16; DeepSpeed's bf16 section).
     Parameters, averages, BatchNorm statistics and evaluation stay fp32."""
+    channels_last: bool = False
+    """Hold 4-D weights and input batches in channels_last (NHWC) memory: convolutions in
+    bf16/fp16 run on GPU tensor cores without layout conversions. Results differ from the
+    default layout by float rounding only (the sync code averages in any dense layout).
+    The ddp engine only: DeepSpeed's set-up needs the default layout."""
 
 
 @dataclass
@@ -178,6 +183,15 @@ class TrainConfig:
     """Eval accuracy (0-1) whose first crossing is reported as time-to-accuracy."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
+    compile: bool = False
+    """torch.compile the training forward and backward: less Python overhead per step, which
+    matters for small models and batches; the first steps pay for compilation. ddp compiles
+    its DDP wrapper (gradient all-reduces still overlap with backward), deepspeed calls
+    DeepSpeedEngine.compile. Parameters, the state_dict, averaging and evaluation stay the
+    plain module's."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for train.compile: inductor (needs a C++ compiler on CPU, and
+    Triton on CUDA), or aot_eager / eager, which skip code generation."""
 
 
 @dataclass

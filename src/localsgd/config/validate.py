@@ -22,6 +22,14 @@ from localsgd.config.schema import (
 from localsgd.registry import need as needs
 
 
+def compile_backends() -> list[str]:
+    """The backends torch.compile knows here (importing them costs a second or two, so only
+    recipes with train.compile ask)."""
+    import torch
+
+    return list(torch.compiler.list_backends(exclude_tags=()))
+
+
 def general_rules(cfg: Any) -> list[str]:
     """Every violated rule of the model, data, optim, lr_schedule, train, dist and run keys."""
     p: list[str] = []
@@ -63,6 +71,11 @@ def general_rules(cfg: Any) -> list[str]:
          f"train.eval_every_epochs: must be >= 1, got {t.eval_every_epochs}")
     need(t.target_acc is None or 0 < t.target_acc <= 1,
          f"train.target_acc: must be in (0, 1] (a fraction, not a percentage), got {t.target_acc}")
+    if t.compile:
+        need(t.compile_backend in compile_backends(),
+             f"train.compile_backend: torch.compile has no backend '{t.compile_backend}'; "
+             "use inductor, aot_eager or eager (torch.compiler.list_backends(exclude_tags=()) "
+             "lists every one)")
 
     need(0 <= s.warmup_epochs < t.epochs or s.warmup_epochs == 0,
          f"lr_schedule.warmup_epochs: must be in [0, train.epochs={t.epochs}), "

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from localsgd.config.schema import DataConfig, DataPipeline
+from localsgd.data.datasets import CIFAR_STATS, DatasetBundle
 from localsgd.data.loaders import (
     ResumableDistributedSampler,
     _check_layout,
     _SeededBatchSampler,
+    build_train_loader,
     check_batches,
 )
 
@@ -56,7 +59,8 @@ class DeviceLoader:
     epoch, like the DataLoader it replaces."""
 
     def __init__(self, dataset: Dataset, batches: _SeededBatchSampler, device: torch.device,
-                 mean: tuple[float, ...], std: tuple[float, ...], augment: bool) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], augment: bool,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
         images, labels = _arrays(dataset)
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         self.labels = torch.from_numpy(labels).long().to(device)
@@ -65,6 +69,7 @@ class DeviceLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.augment = augment
+        self.memory_format = memory_format
         span = torch.arange(SIZE, device=device)
         self._rows, self._cols = span.view(1, SIZE, 1), span.view(1, 1, SIZE)
 
@@ -77,6 +82,8 @@ class DeviceLoader:
             x = self.images[index]
             if self.augment:
                 x = self._crop_flip(x, crop_flip_draws([s for _, s in batch]).to(self.device))
+            else:  # laid out while still uint8; the float ops below keep the layout
+                x = x.contiguous(memory_format=self.memory_format)
             # ToTensor then Normalize, in the same float32 operations.
             yield x.float().div(255).sub(self.mean).div(self.std), self.labels[index]
 
@@ -87,19 +94,37 @@ class DeviceLoader:
         flip = draws[:, 2].bool().view(-1, 1, 1)
         cols = torch.where(flip, cols.flip(-1), cols)
         b = torch.arange(x.shape[0], device=x.device).view(-1, 1, 1)
-        # (B, H, W, C) gathered per sample, then back to channels first in the usual layout
-        # (a channels-last tensor would send convolutions down another, differently
-        # rounding, path than the torchvision pipeline's batches take).
-        return padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2).contiguous()
+        # (B, H, W, C) gathered per sample, then back to channels first in the model's
+        # layout: the usual one by default (a channels-last tensor would send convolutions
+        # down another, differently rounding, path than the torchvision pipeline's batches
+        # take); for a channels_last model the gathered tensor is already that, uncopied.
+        gathered = padded.permute(0, 2, 3, 1)[b, rows, cols].permute(0, 3, 1, 2)
+        return gathered.contiguous(memory_format=self.memory_format)
 
 
 def build_device_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
                         seed: int, device: torch.device, mean: tuple[float, ...],
-                        std: tuple[float, ...], augment: bool
+                        std: tuple[float, ...], augment: bool,
+                        memory_format: torch.memory_format = torch.contiguous_format,
                         ) -> tuple[DeviceLoader, ResumableDistributedSampler]:
     """The device pipeline's loader and its sampler (``build_train_loader``'s contract)."""
     _check_layout(batch_size, rank, world_size, 0)
     check_batches(dataset, batch_size, world_size)
     sampler = ResumableDistributedSampler(dataset, world_size, rank, seed, batch_size)  # type: ignore[arg-type]
     batches = _SeededBatchSampler(sampler, batch_size, seed)
-    return DeviceLoader(dataset, batches, device, mean, std, augment), sampler
+    return DeviceLoader(dataset, batches, device, mean, std, augment, memory_format), sampler
+
+
+def build_train_pipeline(data: DatasetBundle, cfg: DataConfig, rank: int, world_size: int,
+                         seed: int, device: torch.device,
+                         memory_format: torch.memory_format) -> tuple[Any, Any]:
+    """The training loader ``cfg.pipeline`` names and its resumable sampler; device batches
+    come in ``memory_format`` (torchvision's are laid out when they reach the device)."""
+    if cfg.pipeline == DataPipeline.device:
+        mean, std = CIFAR_STATS[cfg.name]
+        layout = (torch.contiguous_format if memory_format == torch.preserve_format
+                  else memory_format)
+        return build_device_loader(data.train, cfg.batch_size, rank, world_size, seed, device,
+                                   mean, std, cfg.augment, layout)
+    return build_train_loader(data.train, cfg.batch_size, rank, world_size, seed,
+                              cfg.num_workers)

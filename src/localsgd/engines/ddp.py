@@ -4,6 +4,10 @@ Mini-batch steps run DDP's bucketed all-reduce through a comm hook (so it still 
 backward and every byte is counted). Local steps switch DDP's gradient sync off for the whole
 step, so the reducer issues nothing; buffers are never broadcast (the sync controller averages
 them), which keeps local steps free of any collective.
+
+A channels_last model needs nothing special: DDP lays each gradient's view into its bucket
+out with the parameter's strides (``gradient_as_bucket_view``), so gradients and the
+momentum made from them are channels_last too, the same on every rank.
 """
 
 
@@ -90,6 +94,13 @@ class DDPEngine(EnginePart):
             self.wrapped.register_comm_hook(_HookState(meter, info.world_size),
                                             _counting_allreduce)
         self.amp = Autocast(ctx.facts.precision, info.device)
+        backend = ctx.facts.compile_backend
+        # train.compile: the DDP wrapper is compiled, not the bare module, so dynamo splits
+        # the graph at DDP's bucket boundaries and all-reduces still overlap with backward.
+        # The module itself stays plain: its parameters are what the sync code averages,
+        # its state_dict has no prefixes, and evaluation and the averaged copy run it as is.
+        self.step_module = (self.wrapped if backend is None
+                            else torch.compile(self.wrapped, backend=backend))
 
     def train(self, mode: bool = True) -> None:
         self.wrapped.train(mode)
@@ -102,7 +113,7 @@ class DDPEngine(EnginePart):
         rebuilt = self.wrapped._has_rebuilt_buckets
         with timer.phase("forward"):
             with self.amp.forward():
-                logits = self.wrapped(x)
+                logits = self.step_module(x)
             if self.amp.dtype is not None:
                 logits = logits.float()  # the loss in fp32, as autocast would compute it
             loss = loss_fn(logits, y)

@@ -30,6 +30,11 @@ statistics (``engines/precision.py``). The JSON's bf16 section follows ``model.p
 ``torch_autocast`` keeps fp32 weights (its own masters).
 ZeRO stages 1-2 run mini-batch SGD only; their reductions and gathers count as ``grad``.
 
+Layout and compilation. ``train.compile`` goes through ``DeepSpeedEngine.compile``.
+``model.channels_last`` is refused (``check``): DeepSpeed broadcasts each parameter at set-up
+as a byte view (``p.data.view(torch.uint8)``), which a channels_last weight, whose last
+dimension is not the densest, cannot give.
+
 At exit, the process groups DeepSpeed cloned are released while Python is still whole (see
 ``_release_deepspeed_groups``).
 """
@@ -184,7 +189,11 @@ class DeepSpeedEngine(EnginePart):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        problems = check_deepspeed_config(cfg.deepspeed_config, facts)
+        layout = ["model.channels_last: the deepspeed engine cannot train channels_last "
+                  "weights (DeepSpeed broadcasts parameters as byte views, which need the "
+                  "default layout); set model.channels_last=false or use engine.name=ddp"]
+        problems = (layout if facts.channels_last else []) + check_deepspeed_config(
+            cfg.deepspeed_config, facts)
         if facts.compression != "none" and facts.algorithm in ("minibatch", "post_local"):
             problems.append(
                 f"sync.compression.method: {facts.compression} compresses mini-batch "
@@ -246,6 +255,11 @@ class DeepSpeedEngine(EnginePart):
         if lp_dtype in (torch.bfloat16, torch.float16):
             module.register_forward_pre_hook(functools.partial(_cast_inputs, lp_dtype))
             batch_norm_in_fp32(module)
+        if ctx.facts.compile_backend is not None:
+            # DeepSpeed compiles the module in place (nn.Module.compile), hooks included: its
+            # parameters and state_dict stay the plain module's, and a deep copy (the
+            # averaged evaluation model) is plain, as torch drops the compiled call from it.
+            self.ds.compile(backend=ctx.facts.compile_backend)
 
     def _master_pairs(self, trainable: list[nn.Parameter]) -> list[tuple[str, torch.Tensor,
                                                                        torch.Tensor]]:

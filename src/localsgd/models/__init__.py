@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from localsgd.config.schema import ModelConfig, ModelName
@@ -60,7 +61,8 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> nn.
 
     All models end in global average pooling, so ``image_size`` does not change their
     parameters; it is only checked against the architecture's minimum so that a bad recipe
-    fails here rather than deep inside the first forward pass.
+    fails here rather than deep inside the first forward pass. With ``cfg.channels_last``
+    the 4-D weights are laid out channels_last (moving the model keeps the layout).
     """
     # Accept the raw string too: recipes merged without the structured schema yield strings.
     name = ModelName(cfg.name)
@@ -73,5 +75,9 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> nn.
             f"got image_size={image_size}"
         )
     if name in _RESNET_DEPTHS:
-        return resnet_cifar(_RESNET_DEPTHS[name], num_classes)
-    return _OTHER_BUILDERS[name](num_classes)
+        model = resnet_cifar(_RESNET_DEPTHS[name], num_classes)
+    else:
+        model = _OTHER_BUILDERS[name](num_classes)
+    if getattr(cfg, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.buckets import Bucketer, floating_groups
+from localsgd.sync.buckets import Bucketer, flat_view, floating_groups
 
 
 @dataclass
@@ -88,7 +88,13 @@ class Averager:
         targets = out if out is not None else tensors
         if len(targets) != len(tensors):
             raise ValueError("out must match tensors one to one")
-        dst = [t.detach().view(-1) for t in targets]
+        # Elements travel in memory order (``flat_view``), so a target must be laid out like
+        # its source for element k to land where it came from.
+        if any(t.is_floating_point() and t.stride() != s.stride()
+               for t, s in zip(targets, tensors, strict=True)):
+            raise ValueError("out must have the memory layout of tensors (e.g. both "
+                             "channels_last)")
+        dst = [flat_view(t.detach()) for t in targets]
         sq = 0.0
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
@@ -133,7 +139,7 @@ class Averager:
         for (dtype, _device), idx in floating_groups(tensors, select).items():
             if sum(tensors[i].numel() for i in idx) == 0:
                 continue  # nothing to send (the blocking path makes no call either)
-            snap = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+            snap = torch.cat([flat_view(tensors[i].detach()) for i in idx])
             buf = snap.clone()
             capacity = self.bucketer.capacity(dtype)
             flight.snapshots.append(snap)
@@ -173,7 +179,7 @@ class Averager:
             pos = 0
             for i in idx:
                 n = flight.sizes[i]
-                live = tensors[i].detach().view(-1)
+                live = flat_view(tensors[i].detach())
                 # A checkpoint restores snapshots on the CPU; the model may live on a GPU.
                 local = snap[pos:pos + n].to(live.device)
                 mean = red[pos:pos + n].to(live.device)

@@ -3,6 +3,12 @@
 Large tensors go in slices, so reducing a model of any size never copies it whole: extra
 memory is one bucket per dtype/device, and a model of N elements takes ceil(N / capacity)
 buckets.
+
+Tensors are flattened in memory order (``flat_view``), not in index order: a channels_last
+convolution weight is dense but not contiguous, so ``view(-1)`` refuses it and
+``reshape(-1)`` returns a copy, into which a write would be silently lost. Every rank holds
+the same layout, so element k of one rank's flat view is element k of every other's and an
+element-wise average is the same whichever order the elements travel in.
 """
 
 from __future__ import annotations
@@ -14,6 +20,22 @@ import torch
 
 Segment = tuple[int, int, int]
 """(index of the tensor, first element, end element) of one slice in a bucket."""
+
+
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of ``t``'s elements in the order they lie in memory: writing to it writes
+    ``t``. Works for any dense layout (contiguous, channels_last, or another permutation);
+    a tensor with gaps or overlaps has no such view and is refused."""
+    if t.is_contiguous():
+        return t.view(-1)
+    # Dimensions by decreasing stride is the order the elements are stored in; for a dense
+    # tensor that permutation is contiguous (dimensions of size 1 may sit anywhere).
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    dense = t.permute(order)
+    if not dense.is_contiguous():
+        raise ValueError(f"cannot flatten a tensor of shape {tuple(t.shape)} with strides "
+                         f"{t.stride()} in place: its elements are not one dense block")
+    return dense.view(-1)
 
 
 def segments(sizes: list[int], capacity: int) -> Iterator[list[Segment]]:
@@ -90,7 +112,7 @@ class Bucketer:
         """
         for (dtype, device), idx in floating_groups(tensors).items():
             buf = self.buffer(dtype, device)
-            flat = [tensors[i].detach().reshape(-1) for i in idx]
+            flat = [flat_view(tensors[i].detach()) for i in idx]
             for segs in segments([t.numel() for t in flat], buf.numel()):
                 n = sum(end - start for _, start, end in segs)
                 view = buf[:n]

@@ -9,14 +9,16 @@ from torch.utils.data import DataLoader
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[loss sum, correct, count] over ``loader``, as float64 for exact reduction."""
+             dtype: torch.dtype = torch.float32,
+             memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """[loss sum, correct, count] over ``loader``, as float64 for exact reduction; inputs
+    are laid out in ``memory_format`` (the model's, so convolutions need no conversion)."""
     was_training = model.training
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in loader:
-        x = x.to(device, dtype, non_blocking=True)
+        x = x.to(device, dtype, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         logits = model(x)
         totals[0] += loss_fn(logits, y).double()

@@ -17,15 +17,8 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from localsgd.config.errors import ConfigError
-from localsgd.config.schema import DataPipeline
-from localsgd.data import (
-    CIFAR_STATS,
-    DataError,
-    build_datasets,
-    build_eval_loader,
-    build_train_loader,
-)
-from localsgd.data.device import build_device_loader
+from localsgd.data import DataError, build_datasets, build_eval_loader
+from localsgd.data.device import build_train_pipeline
 from localsgd.engines import EngineContext, build_engine
 from localsgd.launch.env import DistInfo
 from localsgd.models import build_model
@@ -102,17 +95,12 @@ class Trainer:
         self._load_data()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.dtype = getattr(torch, cfg.model.dtype.value)
+        # Batches take the model's layout (build_model lays out a channels_last model).
+        self.layout = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         self.model = build_model(cfg.model, self.data.num_classes,
                                  self.data.image_size).to(self.device, self.dtype)
-        if cfg.data.pipeline == DataPipeline.device:
-            mean, std = CIFAR_STATS[cfg.data.name]
-            self.loader, self.sampler = build_device_loader(
-                self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
-                self.device, mean, std, cfg.data.augment)
-        else:
-            self.loader, self.sampler = build_train_loader(
-                self.data.train, cfg.data.batch_size, info.rank, info.world_size, cfg.seed,
-                cfg.data.num_workers)
+        self.loader, self.sampler = build_train_pipeline(
+            self.data, cfg.data, info.rank, info.world_size, cfg.seed, self.device, self.layout)
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
         if self.steps_per_epoch == 0:
             raise ConfigError([f"train.grad_accum: {cfg.train.grad_accum} micro-batches per "
@@ -304,7 +292,7 @@ class Trainer:
         for micro in range(accum):
             with self.timer.phase("data"):
                 x, y = next(batches)
-                x = x.to(self.device, self.dtype, non_blocking=True)
+                x = x.to(self.device, self.dtype, non_blocking=True, memory_format=self.layout)
                 y = y.to(self.device, non_blocking=True)
             loss, logits = self.engine.forward_backward(
                 x, y, loss_fn, 1.0 / accum, sync and micro == accum - 1, self.timer)
@@ -391,10 +379,11 @@ class Trainer:
             if self.eval_module is not None:
                 self.controller.averaged_copy(self.engine, self.eval_module)
                 model = self.eval_module
-            totals = evaluate(model, self.eval_loader, self.device, self.dtype)
+            totals = evaluate(model, self.eval_loader, self.device, self.dtype, self.layout)
         else:
             # Every rank scores its own model on the full test set; the mean is reported.
-            totals = evaluate(self.engine.module, self.eval_loader, self.device, self.dtype)
+            totals = evaluate(self.engine.module, self.eval_loader, self.device, self.dtype,
+                              self.layout)
         with self.meter.timed("other", totals.numel() * totals.element_size()):
             dist.all_reduce(totals)
         loss_sum, correct, count = totals.tolist()

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from localsgd.registry import Facts, Part, need
+from localsgd.sync.buckets import flat_view
 from localsgd.sync.codecs.base import CODECS, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.parts import REDUCERS, TOPOLOGIES
@@ -176,7 +177,7 @@ class Compressed(Part):
         spans = [(s.index, s.start, s.pos, s.local.numel()) for s in slices]
         anchor = torch.empty_like(flat)
         for index, first, pos, n in spans:
-            anchor[pos:pos + n] = self.anchor[index].reshape(-1)[first:first + n]
+            anchor[pos:pos + n] = flat_view(self.anchor[index])[first:first + n]
         delta = anchor - flat
         segments = [(pos, pos + n) for _, _, pos, n in spans]
         # A different random-k draw at every sync and bucket, the same on every resume.
@@ -200,7 +201,7 @@ class Compressed(Part):
             total += self.codec.decode(payload, flat.numel(), work.segments, flat.dtype)
         result = work.anchor - total / size
         for index, first, pos, n in work.slices:
-            self.anchor[index].reshape(-1)[first:first + n] = result[pos:pos + n]
+            flat_view(self.anchor[index])[first:first + n] = result[pos:pos + n]
         return result
 
     def held_bytes(self) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from localsgd.registry import Facts, need
+from localsgd.sync.buckets import flat_view
 from localsgd.sync.parts import UPDATES
 from localsgd.sync.updates.base import Update
 
@@ -82,7 +83,7 @@ class Outer(Update):
         self.scaled = bool(o.scale_by_inner_lr)
         self.on_cpu = StateDevice(o.state_device) == StateDevice.cpu
         self.anchor: list[torch.Tensor] = []
-        """Per parameter, flat."""
+        """Per parameter, flat in memory order."""
         self.velocity: list[torch.Tensor] = []
         self.anchor_step = -1
         """The step after which the anchor was last set."""
@@ -92,7 +93,8 @@ class Outer(Update):
         if step == self.anchor_step:
             return  # the sync that just ended wrote the anchor already
         device = torch.device("cpu") if self.on_cpu else None
-        self.anchor = [p.detach().reshape(-1).to(device or p.device, copy=True) for p in params]
+        # In memory order, as the averager hands over slices (``flat_view``).
+        self.anchor = [flat_view(p.detach()).to(device or p.device, copy=True) for p in params]
         if self.beta > 0 and not self.velocity:
             self.velocity = [torch.zeros_like(a) for a in self.anchor]
         self.anchor_step = step
