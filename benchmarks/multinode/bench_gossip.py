@@ -46,12 +46,15 @@ def sync_records(run_dir: Path) -> list[dict[str, Any]]:
 
 def per_sync_bytes(row: dict[str, Any]) -> float | None:
     """What rank 0 sent per sync: gossip bytes, or averaging bytes (these include one
-    closing average of the BatchNorm statistics, about 0.5% of a sync)."""
+    closing average of the BatchNorm statistics, about 0.5% of a sync). For compressed
+    syncs, the payloads plus the exact average of the BatchNorm statistics."""
     syncs = row.get("syncs")
     if not syncs:
         return None
     comm = row["comm"]
-    return (comm.get("comm/gossip/bytes", 0) + comm.get("comm/average/bytes", 0)) / syncs
+    # Gossip runs end with one exact average (recorded as average): not a sync.
+    sent = comm.get("comm/gossip/bytes", 0) or comm.get("comm/average/bytes", 0)
+    return sent / syncs
 
 
 def median(xs: list[float]) -> float | None:

@@ -88,6 +88,7 @@ class DDPEngine(EnginePart):
             init_sync=False,
             gradient_as_bucket_view=True,
         )
+        self.grad_compression = ctx.grad_compression
         if ctx.grad_compression is not None and info.world_size > 1:
             self.wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
         else:
@@ -152,10 +153,15 @@ class DDPEngine(EnginePart):
         pass
 
     def state_dict(self) -> dict[str, Any]:
+        # Error-feedback residuals of compressed gradients: the engine's mean of states
+        # (a world-size change) is their merge rule too.
+        grads = self.grad_compression.state_dict() if self.grad_compression else {}
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.amp.state_dict()}
+                "scaler": self.amp.state_dict(), "grad_compression": grads}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.amp.load_state_dict(state.get("scaler", {}))
+        if self.grad_compression is not None:
+            self.grad_compression.load_state_dict(state.get("grad_compression", {}))

@@ -7,8 +7,9 @@ them and takes their mean as the bucket's gradient. So sign SGD, EF-sign SGD and
 top-k / random-k / QSGD run as PyTorch's PowerSGD hook does: on the gradient averaged over
 workers, before the optimizer (momentum and weight decay come after, unlike the paper's
 code, which compresses the optimizer's update). Bytes are counted as ``grad``: what this
-rank sends. The residuals and the random draws' counter are in the checkpoint, so a resume
-is bitwise exact.
+rank sends. The residuals and the random draws' counter are in the DDP engine's checkpoint
+state, so a resume is bitwise exact; a resume with another world size takes the mean of the
+old residuals, as the engine merges every state.
 
 No ``from __future__ import annotations`` here: DDP checks the hook's ``bucket`` annotation
 against ``dist.GradBucket`` itself, not its name.
@@ -73,11 +74,6 @@ class CompressedGrads:
         self.calls = int(state.get("calls", 0))
         if self.feedback is not None:
             self.feedback.load_state_dict(state.get("feedback", {}))
-
-    @staticmethod
-    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"calls": max((int(s.get("calls", 0)) for s in states), default=0),
-                "feedback": ErrorFeedback.merge_states([s.get("feedback", {}) for s in states])}
 
 
 def hook(state: CompressedGrads, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -110,12 +110,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model, self.peak_lr)
         self.scheduler = build_scheduler(cfg.lr_schedule, self.optimizer, cfg.optim.base_lr,
                                          self.peak_lr, self.steps_per_epoch, cfg.train.epochs)
-        self.grad_compression = (
-            CompressedGrads(cfg.sync.compression, self.meter, info.world_size)
-            if cfg.sync.compression.method != "none" and info.world_size > 1 else None)
+        grads = (CompressedGrads(cfg.sync.compression, self.meter, info.world_size)
+                 if cfg.sync.compression.method != "none" and info.world_size > 1 else None)
         self.engine = build_engine(cfg.engine, EngineContext(
             self.model, self.optimizer, info, self.meter,
-            facts(cfg, info.world_size, info.local_world_size), self.grad_compression))
+            facts(cfg, info.world_size, info.local_world_size), grads))
         lr_at = LRCurve(cfg.lr_schedule, cfg.optim.base_lr, self.peak_lr,
                         self.steps_per_epoch, cfg.train.epochs)
         self.controller = SyncController.build(cfg.sync, info, self.meter,
@@ -138,9 +137,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {"engine": self.engine.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "sync": self.controller.state_dict(), "meter": self.meter.state_dict(),
-                "rng": rng_state(), "trainer": self.state.state_dict(),
-                "grad_compression": (self.grad_compression.state_dict()
-                                     if self.grad_compression is not None else {})}
+                "rng": rng_state(), "trainer": self.state.state_dict()}
 
     def _save_checkpoint(self) -> None:
         # A checkpoint is only worth keeping if training could go on from it.
@@ -163,8 +160,6 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.controller.load_state_dict(state["sync"])
             self.state.load_state_dict(state["trainer"])
-            if self.grad_compression is not None:
-                self.grad_compression.load_state_dict(state.get("grad_compression", {}))
         else:
             # Another world size: start from the average of the old workers' models (and
             # momentum) at the beginning of the checkpoint's epoch, re-partitioned over the new
@@ -177,9 +172,6 @@ class Trainer:
             self.state.stats.zero_()
             self.controller.load_merged([s["sync"] for s in states],
                                         self.state.epoch * self.steps_per_epoch)
-            if self.grad_compression is not None:
-                self.grad_compression.load_state_dict(CompressedGrads.merge_states(
-                    [s.get("grad_compression", {}) for s in states]))
             for _ in range(self.controller.step):
                 self.scheduler.step()
         self.meter.load_state_dict(state["meter"])
