@@ -90,6 +90,7 @@ class DDPEngine(EnginePart):
         )
         self.grad_compression = ctx.grad_compression
         if ctx.grad_compression is not None and info.world_size > 1:
+            ctx.grad_compression.bind(module)
             self.wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
         else:
             self.wrapped.register_comm_hook(_HookState(meter, info.world_size),
