@@ -76,8 +76,8 @@ def _f(x: float | None, spec: str = ".2f") -> str:
 def table(rows: list[dict[str, Any]], rates: Sequence[str], names: Sequence[str] = NAMES,
           pairs: dict[int, tuple[str, str]] = PAIRS, vs: str = "ring / all-reduce") -> str:
     lines = [f"| rate | variant | steady steps/s | / no-comm | {vs} | syncs | "
-             "MiB sent per sync (rank 0) | wire MiB per node / expected | consensus at the "
-             "last sync |", "|---" * 9 + "|"]
+             "MiB sent per sync (rank 0) | wire MiB per node / expected | beyond no-comm: "
+             "wire / expected, minus headers | consensus at the last sync |", "|---" * 10 + "|"]
     for rate in rates:
         for name in names:
             mine = [r for r in rows if r["rate"] == rate and r["variant"] == name and r["ok"]]
@@ -91,13 +91,17 @@ def table(rows: list[dict[str, Any]], rates: Sequence[str], names: Sequence[str]
             expected = median([r["expected_wire_bytes_per_node"] for r in mine
                                if "expected_wire_bytes_per_node" in r])
             per = per_sync_bytes(first)
+            marginal = [r["marginal_wire_ratio_minus_headers"] for r in mine
+                        if "marginal_wire_ratio_minus_headers" in r]
             last = first["consensus"][-1][1] if first["consensus"] else None
             lines.append(
                 f"| {rate} | {name} | {_f(steady, '.3f')} | "
                 f"{_f(ratio_by_round(rows, rate, name, BOUND))} | {against} | {first['syncs']} | "
                 f"{_f(per / 2**20 if per else None, '.3f')} | "
                 f"{_f(wire / 2**20 if wire else None, '.1f')} / "
-                f"{_f(expected / 2**20 if expected else None, '.1f')} | {_f(last, '.3f')} |")
+                f"{_f(expected / 2**20 if expected else None, '.1f')} | "
+                f"{_f(median(marginal), '.3f')} | "
+                f"{_f(last, '.3f')} |")
     return "\n".join(lines)
 
 
@@ -174,6 +178,7 @@ def main(argv: Sequence[str] | None = None, names: Sequence[str] = NAMES,
     except netem.NotRootError as exc:
         print(f"bench_{stem}: error: {exc}", file=sys.stderr)
         return 1
+    bench_links.add_marginal(rows)
     text = table(rows, rates, names, pairs, vs)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
