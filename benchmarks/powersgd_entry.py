@@ -6,7 +6,8 @@ Everything is the trainer's (data, model, optimizer, LR schedule, evaluation, me
 run as mini-batch SGD; only the gradient all-reduce of the DDP engine is replaced by
 ``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook`` (rank ``--powersgd-rank``,
 error feedback and warm start on, plain all-reduce for the first 2 steps, PyTorch's
-defaults otherwise). Bytes per bucket (``comm/grad/bytes``) follow PowerSGD's own rules:
+defaults otherwise), each bucket finished before the next starts. Bytes per bucket
+(``comm/grad/bytes``) follow PowerSGD's own rules:
 before ``start_powerSGD_iter`` the whole bucket; after, the tensors it leaves uncompressed
 (1-D, or not worth it by ``min_compression_rate``) plus (rows + columns) x rank for each
 compressed matrix, float32. The multi-node harness checks them against the veth counters.
@@ -58,12 +59,14 @@ def payload_bytes(state: CountingPowerSGD, bucket: dist.GradBucket) -> int:
 def hook(state: CountingPowerSGD, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     nbytes = payload_bytes(state, bucket)
     start = time.perf_counter()
-
-    def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        state.meter.record("grad", nbytes, time.perf_counter() - start)
-        return fut.value()
-
-    return ps.powerSGD_hook(state, bucket).then(done)
+    # Wait here: PowerSGD issues its second all-reduce from a callback, and on gloo the
+    # callbacks of two buckets may run in another order on each worker, which pairs up
+    # mismatched collectives. Finishing each bucket in turn keeps the order fixed.
+    result = ps.powerSGD_hook(state, bucket).wait()
+    state.meter.record("grad", nbytes, time.perf_counter() - start)
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(result)
+    return done
 
 
 def main(argv: list[str]) -> int:
