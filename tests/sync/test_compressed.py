@@ -68,6 +68,22 @@ def bf16(m: np.ndarray) -> np.ndarray:
     return torch.from_numpy(m).to(torch.bfloat16).double().numpy()
 
 
+def check_sync(anchor: np.ndarray, before: np.ndarray, after: np.ndarray,
+               residual: list[np.ndarray], codec, feedback: bool) -> np.ndarray:
+    """One compressed sync: every worker must hold anchor - mean_i C(d_i + r_i); updates the
+    residuals and returns the new anchor."""
+    sent = []
+    for i in range(K):
+        m = anchor - before[i] + (residual[i] if feedback else 0.0)
+        c = codec(m)
+        residual[i] = m - c
+        sent.append(c)
+    new = anchor - np.mean(sent, axis=0)
+    for i in range(K):
+        np.testing.assert_allclose(after[i], new, rtol=1e-6, atol=1e-9)
+    return after[0]
+
+
 def replay(ranks: list[dict[str, Record]], name: str, codec, feedback: bool,
            period: int = 2) -> None:
     """Check every step of scenario ``name`` against the rule, with ``codec`` in numpy."""
@@ -80,16 +96,7 @@ def replay(ranks: list[dict[str, Record]], name: str, codec, feedback: bool,
         if (t + 1) % period:
             np.testing.assert_array_equal(after, before)
             continue
-        sent = []
-        for i in range(K):
-            m = anchor - before[i] + (residual[i] if feedback else 0.0)
-            c = codec(m)
-            residual[i] = m - c
-            sent.append(c)
-        new = anchor - np.mean(sent, axis=0)
-        for i in range(K):
-            np.testing.assert_allclose(after[i], new, rtol=1e-6, atol=1e-9)
-        anchor = after[0]
+        anchor = check_sync(anchor, before, after, residual, codec, feedback)
 
 
 def _initial(recs: list[Record]) -> np.ndarray:
@@ -161,16 +168,7 @@ def test_hierarchical_averages_nodes_exactly_and_compresses_across_them(
                 for i in (node, node + 1):
                     np.testing.assert_allclose(after[i], mean, rtol=0, atol=1e-12)
             continue
-        sent = []
-        for i in range(K):
-            m = anchor - before[i] + residual[i]
-            c = scaled_sign(m)
-            residual[i] = m - c
-            sent.append(c)
-        new = anchor - np.mean(sent, axis=0)
-        for i in range(K):
-            np.testing.assert_allclose(after[i], new, rtol=1e-6, atol=1e-9)
-        anchor = after[0]
+        anchor = check_sync(anchor, before, after, residual, scaled_sign, True)
 
 
 @pytest.mark.parametrize(("overrides", "text"), [

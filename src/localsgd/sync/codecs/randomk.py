@@ -17,18 +17,16 @@ import torch
 
 from localsgd.sync.codecs.base import (
     CODECS,
-    Codec,
     Payload,
     Segments,
-    Shapes,
     check_input,
     keep_count,
 )
-from localsgd.sync.codecs.topk import scatter
+from localsgd.sync.codecs.topk import Sparse
 
 
 @CODECS.register
-class RandomK(Codec):
+class RandomK(Sparse):
     name = "randomk"
     unbiased = True
 
@@ -41,12 +39,3 @@ class RandomK(Codec):
         indices = torch.randperm(n, generator=generator, device=x.device)[:k]
         values = x[indices] * (n / k) if k else x[indices]
         return Payload([values, indices.to(torch.int32)])
-
-    def decode(self, payload: Payload, numel: int, segments: Segments,
-               dtype: torch.dtype) -> torch.Tensor:
-        return scatter(payload, numel, dtype)
-
-    def payload_shapes(self, numel: int, segments: Segments,
-                       dtype: torch.dtype = torch.float32) -> Shapes:
-        k = keep_count(self.ratio, numel)
-        return [((k,), dtype), ((k,), torch.int32)]

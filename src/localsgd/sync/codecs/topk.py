@@ -33,17 +33,8 @@ def scatter(payload: Payload, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-@CODECS.register
-class TopK(Codec):
-    name = "topk"
-
-    def encode(self, x: torch.Tensor, segments: Segments,
-               generator: torch.Generator | None = None) -> Payload:
-        """[values: x.dtype, k; indices: int32, k] of the k largest |x|."""
-        check_input(x, segments)
-        k = keep_count(self.ratio, x.numel())
-        indices = torch.topk(x.abs(), k, sorted=False).indices
-        return Payload([x[indices], indices.to(torch.int32)])
+class Sparse(Codec):
+    """What top-k and random-k share: k = keep_count(ratio, n) values and int32 indices."""
 
     def decode(self, payload: Payload, numel: int, segments: Segments,
                dtype: torch.dtype) -> torch.Tensor:
@@ -53,3 +44,16 @@ class TopK(Codec):
                        dtype: torch.dtype = torch.float32) -> Shapes:
         k = keep_count(self.ratio, numel)
         return [((k,), dtype), ((k,), torch.int32)]
+
+
+@CODECS.register
+class TopK(Sparse):
+    name = "topk"
+
+    def encode(self, x: torch.Tensor, segments: Segments,
+               generator: torch.Generator | None = None) -> Payload:
+        """[values: x.dtype, k; indices: int32, k] of the k largest |x|."""
+        check_input(x, segments)
+        k = keep_count(self.ratio, x.numel())
+        indices = torch.topk(x.abs(), k, sorted=False).indices
+        return Payload([x[indices], indices.to(torch.int32)])
