@@ -182,6 +182,8 @@ def test_hierarchical_averages_nodes_exactly_and_compresses_across_them(
      "sync.compression.method: sign with sync.topology=ring is not supported"),
     (["sync.algorithm=local", "sync.period=4", "sync.compression.method=sign",
       "sync.overlap_steps=1"], "sync.compression.method: sign cannot run overlapped"),
+    (["sync.algorithm=local", "sync.compression.method=sign", "sync.consensus_every=-2"],
+     "sync.consensus_every: must be >= 0"),
     (["sync.algorithm=local", "sync.compression.method=sign", "sync.update=outer"],
      "sync.update: outer with compressed averages is not supported"),
     (["sync.algorithm=post_local", "sync.switch_epoch=1", "sync.compression.method=ef_sign",

@@ -131,6 +131,8 @@ class Compressed(Part):
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         keys = cfg.compression
         p = check_compression(keys)
+        if cfg.consensus_every < 0:
+            p.append(f"sync.consensus_every: must be >= 0 (0: never), got {cfg.consensus_every}")
         if keys.method == "none":
             p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
                      "topk, randomk, qsgd or bf16); or use sync.reducer=auto")
