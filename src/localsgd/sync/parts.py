@@ -94,5 +94,12 @@ def _resolve(cfg: Any, key: str) -> str:
     return str(value)
 
 
+def topology_gossips(cfg: Any) -> bool | None:
+    """Whether ``sync.topology`` names a gossip graph (neighbours only, no exact average);
+    None when it names no known topology (that is reported on its own)."""
+    topology = TOPOLOGIES.find(str(cfg.topology))
+    return None if topology is None else bool(getattr(topology, "gossip", False))
+
+
 SECTION = Section("sync", SyncCommon, {key: reg for key, reg in PART_KINDS.values()},
                   resolve=_resolve)

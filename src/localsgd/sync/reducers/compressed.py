@@ -35,7 +35,7 @@ from localsgd.registry import Facts, Part, need
 from localsgd.sync.buckets import flat_view
 from localsgd.sync.codecs.base import CODECS, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
-from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+from localsgd.sync.parts import REDUCERS, topology_gossips
 
 
 @dataclass
@@ -115,8 +115,6 @@ class Pending:
     gathered: torch.Tensor
     segments: list[tuple[int, int]]
     anchor: torch.Tensor
-    slices: list[tuple[int, int, int, int]]
-    """(tensor index, first element, position in the bucket, numel) of each slice."""
 
 
 @REDUCERS.register
@@ -136,8 +134,7 @@ class Compressed(Part):
         if keys.method == "none":
             p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
                      "topk, randomk, qsgd or bf16); or use sync.reducer=auto")
-        topology = TOPOLOGIES.find(cfg.topology)
-        if topology is not None and getattr(topology, "gossip", False):
+        if topology_gossips(cfg):
             p.append(f"sync.compression.method: {keys.method} with sync.topology="
                      f"{cfg.topology} is not supported: compressed payloads are all-gathered "
                      "from every worker; use sync.topology=complete")
@@ -163,7 +160,11 @@ class Compressed(Part):
 
     def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
         """Every worker holds ``params``: the deltas of the next sync start from them."""
-        self.anchor = [p.detach().clone() for p in params]
+        if [a.shape for a in self.anchor] == [p.shape for p in params]:
+            for a, p in zip(self.anchor, params, strict=True):
+                a.copy_(p.detach())  # same layout: no new allocation at every sync
+        else:
+            self.anchor = [p.detach().clone() for p in params]
         self.seed = step
 
     def payload_bytes(self, flat: torch.Tensor, group: Any = None, slices: Any = None) -> int:
@@ -192,7 +193,7 @@ class Compressed(Part):
             payload = self.codec.encode(delta, segments, gen)
         world = dist.get_world_size(group)
         work, gathered = exchange(payload, group, world)
-        return Pending(work, gathered, segments, anchor, spans)
+        return Pending(work, gathered, segments, anchor)
 
     def finish(self, work: Pending, flat: torch.Tensor, size: int) -> torch.Tensor:
         work.work.wait()
@@ -201,10 +202,9 @@ class Compressed(Part):
         total = torch.zeros_like(flat)
         for payload in payloads:
             total += self.codec.decode(payload, flat.numel(), work.segments, flat.dtype)
-        result = work.anchor - total / size
-        for index, first, pos, n in work.slices:
-            flat_view(self.anchor[index])[first:first + n] = result[pos:pos + n]
-        return result
+        # Every worker takes this result, so they agree again: the controller's
+        # at_consensus then makes it the next anchor.
+        return work.anchor - total / size
 
     def held_bytes(self) -> int:
         """Memory kept between syncs: the anchor and the error-feedback residuals."""

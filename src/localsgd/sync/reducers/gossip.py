@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from localsgd.registry import Facts, Part
-from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+from localsgd.sync.parts import REDUCERS, topology_gossips
 
 
 @REDUCERS.register
@@ -23,8 +23,7 @@ class GossipMix(Part):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        topology = TOPOLOGIES.find(cfg.topology)
-        if topology is not None and not getattr(topology, "gossip", False):
+        if topology_gossips(cfg) is False:
             return [f"sync.reducer: gossip mixes with graph neighbours, which "
                     f"sync.topology={cfg.topology} does not have; use sync.topology=ring, "
                     "torus or expander, or sync.reducer=auto"]

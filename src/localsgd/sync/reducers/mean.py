@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from localsgd.registry import Facts, Part
-from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+from localsgd.sync.parts import REDUCERS, topology_gossips
 
 
 @REDUCERS.register
@@ -24,8 +24,7 @@ class Mean(Part):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        topology = TOPOLOGIES.find(cfg.topology)
-        if topology is not None and getattr(topology, "gossip", False):
+        if topology_gossips(cfg):
             return [f"sync.reducer: mean all-reduces over every worker, but "
                     f"sync.topology={cfg.topology} mixes with graph neighbours only; use "
                     "sync.reducer=auto (or gossip)"]
