@@ -45,6 +45,9 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         **{f"{group}_{name}": [*base, *method]
            for group, base in (("mb", MINIBATCH), ("h16", [*LOCAL, "sync.period=16"]))
            for name, method in COMPRESSION.items()},
+        # The paper's placement: local SGD with H=1 compresses each step's update (after
+        # momentum and weight decay, momentum kept per worker), as its ef_sign_sgd does.
+        "h1_ef_sign": [*LOCAL, "sync.period=1", *COMPRESSION["ef_sign"]],
         "powersgd_r1": ["entry=benchmarks/powersgd_entry.py", "--powersgd-rank=1"],
         "powersgd_r2": ["entry=benchmarks/powersgd_entry.py", "--powersgd-rank=2"],
     },

@@ -69,6 +69,8 @@ VARIANTS = {v.name: v for v in (
     Variant("local-H16-ef_sign", ("sync.algorithm=local", "sync.period=16",
                                   "sync.compression.method=ef_sign")),
     Variant("minibatch-ef_sign", ("sync.algorithm=minibatch", "sync.compression.method=ef_sign")),
+    Variant("local-H1-ef_sign", ("sync.algorithm=local", "sync.period=1",
+                                 "sync.compression.method=ef_sign")),
     Variant("powersgd-r1", ("--powersgd-rank=1",), entry=netem.REPO / "benchmarks" /
             "powersgd_entry.py"),
     Variant("powersgd-r2", ("--powersgd-rank=2",), entry=netem.REPO / "benchmarks" /
@@ -78,14 +80,17 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
-def train_args(variant: Variant, steps: int, batch: int, run_dir: Path) -> list[str]:
-    # 4096 samples: no epoch boundary (and so no mid-run evaluation) within `steps` for up
-    # to 4 workers at batch 16, so every variant evaluates exactly once, at the end.
+def train_args(variant: Variant, steps: int, batch: int, workers: int,
+               run_dir: Path) -> list[str]:
+    # Enough samples that the first epoch outlasts the run: an epoch end evaluates the model
+    # (the trainer) or restarts the loader (both), which would land inside the steady window
+    # of one engine and not the other's. Every variant evaluates exactly once, at the end.
+    samples = max(4096, (steps + 16) * batch * workers)
     return [str(RECIPE), "data.name=synthetic", "data.image_size=32",
-            "data.synthetic_samples=4096", f"data.batch_size={batch}", "model.name=resnet20",
-            f"train.max_steps={steps}", "train.progress=false", "train.log_every_steps=16",
-            "run.checkpoint_every_epochs=0", "run.resume=false", f"run.dir={run_dir}",
-            *variant.overrides]
+            f"data.synthetic_samples={samples}", f"data.batch_size={batch}",
+            "model.name=resnet20", f"train.max_steps={steps}", "train.progress=false",
+            "train.log_every_steps=16", "run.checkpoint_every_epochs=0", "run.resume=false",
+            f"run.dir={run_dir}", *variant.overrides]
 
 
 def steady_rate(run_dir: Path, summary: dict[str, Any]) -> float | None:
@@ -113,7 +118,8 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
             out: Path) -> dict[str, Any]:
     run_dir = out / "runs" / rate / variant.name
     loopback = rate == "loopback"
-    job = netem.run_job(nodes, variant.nproc_per_node, train_args(variant, steps, batch, run_dir),
+    args = train_args(variant, steps, batch, nodes * variant.nproc_per_node, run_dir)
+    job = netem.run_job(nodes, variant.nproc_per_node, args,
                         loopback=loopback, log_dir=run_dir / "logs", entry=variant.entry)
     row: dict[str, Any] = {"variant": variant.name, "rate": rate, "nodes": nodes,
                            "nproc_per_node": variant.nproc_per_node, "ok": job.ok,

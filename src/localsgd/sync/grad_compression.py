@@ -27,6 +27,10 @@ from localsgd.sync.codecs.base import Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.reducers.compressed import build_codec, exchange, split, uses_feedback
 
+Unit = tuple[int, int, list[tuple[int, int]], list[Any]]
+"""A piece of a bucket encoded in one call: (first element, numel, segments inside it,
+payload shapes)."""
+
 
 class CompressedGrads:
     """The state of the hook: codec, residuals, and the steps it has compressed.
@@ -34,7 +38,7 @@ class CompressedGrads:
     Each parameter's gradient is compressed on its own (its own scale, top-k and residual,
     its own random draw): DDP regroups its buckets after the first step (and again after a
     resume), and per-parameter compression makes the result independent of the grouping,
-    so a resume is bitwise exact. A bucket's payloads still travel in one all-gather.
+    so a resume is bitwise exact. A bucket's payload travels in one all-gather.
     """
 
     def __init__(self, keys: Any, meter: CommMeter, world_size: int) -> None:
@@ -57,8 +61,47 @@ class CompressedGrads:
         for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
             spans.append((self.index[id(param)], pos, grad.numel()))
             pos += grad.numel()
+        units, sent = self._encode(buf, spans)
+        if bucket.is_last():
+            self.steps += 1
+        start = time.perf_counter()
+        work, gathered = exchange(sent, None, self.world_size)
+        shapes = [shape for _, _, _, per in units for shape in per]
+
+        def done(_: torch.futures.Future[Any]) -> torch.Tensor:
+            total = torch.zeros_like(buf)
+            for theirs in split(gathered, shapes, self.world_size):
+                at = 0
+                for first, n, segments, per in units:
+                    part = Payload(theirs.tensors[at:at + len(per)])
+                    at += len(per)
+                    total[first:first + n] += self.codec.decode(part, n, segments, buf.dtype)
+            buf.copy_(total.div_(self.world_size))
+            self.meter.record("grad", sent.nbytes, time.perf_counter() - start)
+            return buf
+
+        return work.get_future().then(done)
+
+    def _encode(self, buf: torch.Tensor,
+                spans: list[tuple[int, int, int]]) -> tuple[list[Unit], Payload]:
+        """This rank's payload for a bucket, and the units it decodes in.
+
+        A segmentwise codec (sign, bf16) encodes the whole bucket at once, one segment per
+        parameter: each parameter's result is its own either way, and one call costs far
+        less CPU than one per parameter. Other codecs (top-k per parameter, random draws
+        seeded per parameter) take one call each.
+        """
+        if self.codec.segmentwise:
+            segments = [(first, first + n) for _, first, n in spans]
+            if self.feedback is not None:
+                keys = [i for i, _, _ in spans]
+                payload = self.feedback.compress_split(keys, buf, self.codec, segments)
+            else:
+                payload = self.codec.encode(buf, segments)
+            shapes = self.codec.payload_shapes(buf.numel(), segments, buf.dtype)
+            return [(0, buf.numel(), segments, shapes)], payload
+        units: list[Unit] = []
         tensors: list[torch.Tensor] = []
-        shapes: list[Any] = []
         for i, first, n in spans:
             x = buf[first:first + n]
             whole = [(0, n)]
@@ -68,27 +111,8 @@ class CompressedGrads:
             else:
                 payload = self.codec.encode(x, whole, gen)
             tensors += payload.tensors
-            shapes.append(self.codec.payload_shapes(n, whole, buf.dtype))
-        if bucket.is_last():
-            self.steps += 1
-        start = time.perf_counter()
-        sent = Payload(tensors)
-        work, gathered = exchange(sent, None, self.world_size)
-        flat_shapes = [shape for per in shapes for shape in per]
-
-        def done(_: torch.futures.Future[Any]) -> torch.Tensor:
-            total = torch.zeros_like(buf)
-            for theirs in split(gathered, flat_shapes, self.world_size):
-                at = 0
-                for (_i, first, n), per in zip(spans, shapes, strict=True):
-                    part = Payload(theirs.tensors[at:at + len(per)])
-                    at += len(per)
-                    total[first:first + n] += self.codec.decode(part, n, [(0, n)], buf.dtype)
-            buf.copy_(total.div_(self.world_size))
-            self.meter.record("grad", sent.nbytes, time.perf_counter() - start)
-            return buf
-
-        return work.get_future().then(done)
+            units.append((first, n, whole, self.codec.payload_shapes(n, whole, buf.dtype)))
+        return units, Payload(tensors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps,

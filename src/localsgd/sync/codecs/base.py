@@ -62,6 +62,10 @@ class Codec:
     """Whether the method implies error feedback (``ef_sign``); wrap with ``ErrorFeedback``."""
     unbiased: ClassVar[bool] = False
     """Whether E[decode(encode(x))] = x over the codec's randomness."""
+    segmentwise: ClassVar[bool] = False
+    """Whether each segment decodes as if it had been encoded on its own: deterministic
+    work per element with statistics per segment (sign, bf16, none). Such a codec can take
+    many tensors in one call and give each the same result, whichever tensors share it."""
 
     def __init__(self, ratio: float = 1.0, levels: int = 8) -> None:
         if not 0.0 < float(ratio) <= 1.0:
@@ -159,14 +163,19 @@ def _pieces(numel: int, segments: Segments) -> tuple[list[int], list[int]]:
 def segment_sums(values: torch.Tensor, segments: Segments) -> torch.Tensor:
     """The float64 sum of ``values`` over each segment, in one pass.
 
-    Differences of a float64 running sum: one kernel whatever the number of segments, no
-    atomics (so the same on every run), and float64 keeps a small segment's sum accurate
-    next to a large bucket total.
+    One kernel whatever the number of segments, no atomics (so the same on every run), each
+    segment summed on its own: its sum does not depend on what else is in the bucket or
+    where, so a tensor gets the same scale whichever tensors share its bucket. float64 keeps
+    a large segment's sum accurate.
     """
-    total = torch.zeros(values.numel() + 1, dtype=torch.float64, device=values.device)
-    torch.cumsum(values.to(torch.float64), 0, out=total[1:])
-    bounds = torch.tensor(segments, dtype=torch.int64).reshape(-1, 2).to(values.device)
-    return total[bounds[:, 1]] - total[bounds[:, 0]]
+    device = values.device
+    if values.numel() == 0:
+        return torch.zeros(len(segments), dtype=torch.float64, device=device)
+    index, lengths = _pieces(values.numel(), segments)
+    sums = torch.segment_reduce(values.to(torch.float64), "sum",
+                                lengths=torch.tensor(lengths, dtype=torch.int64).to(device))
+    picked = [j for j, i in enumerate(index) if i < len(segments)]
+    return sums[torch.tensor(picked, dtype=torch.int64).to(device)]
 
 
 def segment_lengths(segments: Segments) -> list[int]:

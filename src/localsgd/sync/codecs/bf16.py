@@ -15,6 +15,7 @@ from localsgd.sync.codecs.base import CODECS, Codec, Payload, Segments, Shapes, 
 @CODECS.register
 class BFloat16(Codec):
     name = "bf16"
+    segmentwise = True
 
     def encode(self, x: torch.Tensor, segments: Segments,
                generator: torch.Generator | None = None) -> Payload:

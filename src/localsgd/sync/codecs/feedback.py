@@ -8,6 +8,7 @@ codecs (sign, top-k) converge like the uncompressed method.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,6 +48,34 @@ class ErrorFeedback:
         payload = codec.encode(memory, segments, generator)
         sent = codec.decode(payload, memory.numel(), segments, memory.dtype)
         self.residuals[key] = memory - sent
+        return payload
+
+    def compress_split(self, keys: Sequence[Key], x: torch.Tensor, codec: Codec,
+                       segments: Segments) -> Payload:
+        """``compress`` for several keys in one call: ``keys[j]`` owns ``segments[j]``, and
+        the segments tile ``x``. One encode and one decode for all of them, each key keeping
+        its own residual, so the result is each key's own when the codec is
+        ``segmentwise``; for that reason only such codecs are accepted."""
+        if not codec.segmentwise:
+            raise ValueError(f"{codec.name}: one payload for many residuals needs a "
+                             "segmentwise codec")
+        if len(keys) != len(segments):
+            raise ValueError(f"{len(keys)} keys for {len(segments)} segments")
+        owed = [self.residuals.get(k) for k in keys]
+        memory = x
+        if any(r is not None for r in owed):
+            memory = x.clone()
+            for r, (start, end), key in zip(owed, segments, keys, strict=True):
+                if r is None:
+                    continue
+                if r.numel() != end - start:
+                    raise ValueError(f"error feedback for {key!r}: the residual has "
+                                     f"{r.numel()} elements, the segment {end - start}")
+                memory[start:end] += r.to(device=x.device, dtype=x.dtype)
+        payload = codec.encode(memory, segments)
+        left = memory - codec.decode(payload, memory.numel(), segments, memory.dtype)
+        for key, (start, end) in zip(keys, segments, strict=True):
+            self.residuals[key] = left[start:end]
         return payload
 
     def reset(self) -> None:

@@ -10,6 +10,7 @@ from localsgd.sync.codecs.base import CODECS, Codec, Payload, Segments, Shapes, 
 @CODECS.register
 class Identity(Codec):
     name = "none"
+    segmentwise = True
     unbiased = True
 
     def encode(self, x: torch.Tensor, segments: Segments,

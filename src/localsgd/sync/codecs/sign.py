@@ -37,6 +37,7 @@ from localsgd.sync.codecs.packing import pack_bits, packed_words, unpack_bits
 @CODECS.register
 class Sign(Codec):
     name = "sign"
+    segmentwise = True
 
     def encode(self, x: torch.Tensor, segments: Segments,
                generator: torch.Generator | None = None) -> Payload:
