@@ -36,45 +36,56 @@ def _model() -> nn.Module:
                          nn.Linear(40, 3))
 
 
-def _worker(rank: int, init: str, out: str, method: str) -> None:
+METHODS = ("ef_sign", "bf16")
+
+
+def _worker(rank: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     try:
-        model = _model()
-        plain = copy.deepcopy(model)
-        # A small bucket cap, so buckets hold several parameters and a large one alone.
-        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
-        state = CompressedGrads(CompressionKeys(method=method), CommMeter(), WORLD)
-        state.bind(model)
-        ddp.register_comm_hook(state, hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)
-        local, averaged, nbytes = [], [], []
-        for _ in range(STEPS):
-            x = torch.randn(16, 12, generator=gen)
-            y = torch.randint(0, 3, (16,), generator=gen)
-            plain.load_state_dict(model.state_dict())
-            plain.zero_grad()
-            nn.functional.cross_entropy(plain(x), y).backward()
-            local.append([p.grad.clone() for p in plain.parameters()])
-            opt.zero_grad()
-            before = state.meter.flat()["comm/grad/bytes"]
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            nbytes.append(state.meter.flat()["comm/grad/bytes"] - before)
-            averaged.append([p.grad.clone() for p in model.parameters()])
-            opt.step()
-        torch.save({"local": local, "averaged": averaged, "bytes": nbytes},
-                   Path(out) / f"rank{rank}.pt")
+        torch.save({m: _train(rank, m) for m in METHODS}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=["ef_sign", "bf16"])
-def run(request: pytest.FixtureRequest,
-        tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict]]:
-    tmp = tmp_path_factory.mktemp(f"hook-{request.param}")
-    mp.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp), request.param), nprocs=WORLD,
-             join=True)
-    return request.param, [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+def _train(rank: int, method: str) -> dict[str, list]:
+    """Local gradients, the gradients DDP left and the bytes sent, per step."""
+    model = _model()
+    plain = copy.deepcopy(model)
+    # A small bucket cap, so buckets hold several parameters and a large one alone.
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.01)
+    state = CompressedGrads(CompressionKeys(method=method), CommMeter(), WORLD)
+    state.bind(model)
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)
+    local, averaged, nbytes = [], [], []
+    for _ in range(STEPS):
+        x = torch.randn(16, 12, generator=gen)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        plain.load_state_dict(model.state_dict())
+        plain.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        local.append([p.grad.clone() for p in plain.parameters()])
+        opt.zero_grad()
+        before = state.meter.flat()["comm/grad/bytes"]
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        nbytes.append(state.meter.flat()["comm/grad/bytes"] - before)
+        averaged.append([p.grad.clone() for p in model.parameters()])
+        opt.step()
+    return {"local": local, "averaged": averaged, "bytes": nbytes}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Both methods in one start of the processes."""
+    tmp = tmp_path_factory.mktemp("hook")
+    mp.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(params=METHODS)
+def run(request: pytest.FixtureRequest, runs: list[dict]) -> tuple[str, list[dict]]:
+    return request.param, [r[request.param] for r in runs]
 
 
 def scaled_sign(m: np.ndarray) -> np.ndarray:
