@@ -75,9 +75,14 @@ def test_shaping_arguments() -> None:
 
 def test_bench_variants_and_ring_factor(tmp_path: Path) -> None:
     assert bench.ring_factor(2) == 1.0 and bench.ring_factor(4) == 1.5
-    args = bench.train_args(bench.VARIANTS["local-H16"], 64, 16, tmp_path)
+    args = bench.train_args(bench.VARIANTS["local-H16"], 64, 16, 2, tmp_path)
     assert "sync.period=16" in args and "train.max_steps=64" in args
     assert f"run.dir={tmp_path}" in args
+    # No epoch end (the trainer evaluates there, PyTorch's peer does not) within the run.
+    for steps, batch, workers in ((64, 64, 2), (128, 64, 2), (64, 64, 4), (64, 16, 4)):
+        args = bench.train_args(bench.VARIANTS["no-comm"], steps, batch, workers, tmp_path)
+        (samples,) = [int(a.split("=")[1]) for a in args if a.startswith("data.synthetic_samples=")]
+        assert samples // (batch * workers) > steps
     assert bench.VARIANTS["hier-2x2-H4-Hb4"].nproc_per_node == 2
 
 
@@ -85,8 +90,9 @@ def test_torch_peer_variant_uses_its_worker(tmp_path: Path) -> None:
     v = bench.VARIANTS["torch-peer-h16"]
     assert v.entry == HERE / "peer_worker.py" and v.entry.exists() and v.nproc_per_node == 1
     # Same recipe argv as the localsgd variants, so the same workload.
-    base = bench.train_args(bench.VARIANTS["no-comm"], 64, 16, tmp_path)
-    assert bench.train_args(v, 64, 16, tmp_path) == [a for a in base if not a.startswith("sync.")]
+    base = bench.train_args(bench.VARIANTS["no-comm"], 64, 16, 2, tmp_path)
+    assert bench.train_args(v, 64, 16, 2, tmp_path) == [
+        a for a in base if not a.startswith("sync.")]
     cmd = netem.node_command(0, 2, 1, ["r.yaml"], loopback=False, torchrun="torchrun",
                              entry=v.entry)
     assert cmd[-2:] == [str(v.entry), "r.yaml"]
