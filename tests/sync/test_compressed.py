@@ -32,6 +32,8 @@ def local(method: str, **kw: object) -> dict[str, object]:
 SCENARIOS = [
     Scenario("sign", local("sign"), steps=6),
     Scenario("ef_sign", local("ef_sign"), steps=6, resume_at=3, finish=True),
+    # The paper's EF-sign SGD: a sync after every step, so each delta is that step's update.
+    Scenario("ef_sign_h1", local("ef_sign", period=1), steps=5),
     Scenario("topk_ef", local("topk", ratio=0.1, error_feedback=True), steps=6),
     Scenario("randomk", local("randomk", ratio=0.25), steps=4),
     Scenario("qsgd", local("qsgd", levels=3), steps=4),
@@ -113,6 +115,11 @@ def test_local_sign_sgd_follows_the_scaled_sign_rule(ranks: list[dict[str, Recor
 def test_local_ef_sign_sgd_follows_the_rule_with_error_feedback(
         ranks: list[dict[str, Record]]) -> None:
     replay(ranks, "ef_sign", scaled_sign, feedback=True)
+
+
+def test_ef_sign_sgd_compresses_every_update_with_error_feedback(
+        ranks: list[dict[str, Record]]) -> None:
+    replay(ranks, "ef_sign_h1", scaled_sign, feedback=True, period=1)
 
 
 def test_top_k_with_error_feedback_keeps_the_k_largest(ranks: list[dict[str, Record]]) -> None:
