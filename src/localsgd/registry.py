@@ -79,6 +79,19 @@ class Part:
         """One state from the states of a run with another world size (one per old rank)."""
         return dict(states[0]) if states else {}
 
+    def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
+        """Why this part cannot continue from ``state``, its kind's state in a checkpoint
+        (``{}`` when the part that wrote it kept none), or None when it can.
+
+        ``check`` (``localsgd.sync.resume.ResumeCheck``) says at which step the checkpoint
+        was written, whether the workers held one model then, and which keys changed. A
+        part whose state is missing continues only if it can rebuild it: from the model
+        (``at_consensus``) only where ``check.consensus``. The reason completes the sentence
+        that names the changed keys (e.g. "resuming mid-period needs the anchor it never
+        kept").
+        """
+        return None
+
 
 P = TypeVar("P", bound=type)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +22,7 @@ from localsgd.sync.accounting import CommMeter
 from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.buckets import Bucketer
 from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
+from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
 
 
@@ -176,6 +178,9 @@ class SyncController:
         """Global syncs started by a reducer that is not exact (gossip): every
         ``sync.consensus_every``-th one measures the true consensus distance."""
         self.runner = chosen["runner"](cfg, self.averager)
+        self.resumed: tuple[int, bool] | None = None
+        """(step, whether the workers agreed then) of the checkpoint this run resumed from:
+        a fact of the checkpoint, which a recipe with other sync steps would misjudge."""
         self.parts: dict[str, Any] = {"schedule": self.schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
                                       "runner": self.runner, "period_rule": self.period_rule}
@@ -224,6 +229,8 @@ class SyncController:
         """Whether all workers hold identical parameters now."""
         if self.finished:
             return True
+        if self.resumed is not None and self.resumed[0] == self.step:
+            return self.resumed[1]
         if getattr(self.topology, "gossip", False):
             # Gossip brings workers closer but never together.
             return self.step == 0 or self.schedule.phase(self.step - 1) == MINIBATCH
@@ -305,23 +312,45 @@ class SyncController:
     # checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         # Pending events belong to the epoch in progress; a mid-epoch resume must log them.
+        # ``recipe`` and ``consensus`` let a resume with other parts check that they fit.
         return {"step": self.step, "measured_syncs": self.measured_syncs,
                 "events": [[e.step, e.action, e.distance] for e in self.events],
-                "parts": {kind: part.state_dict() for kind, part in self.parts.items()}}
+                "parts": {kind: part.state_dict() for kind, part in self.parts.items()},
+                "recipe": record(self.cfg), "consensus": self.in_consensus()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+    def _check_resume(self, state: dict[str, Any], step: int, consensus: bool,
+                      parts: dict[str, dict[str, Any]], where: Path | str) -> None:
+        saved = state.get("recipe")
+        check = ResumeCheck(step, consensus, changed_keys(saved, record(self.cfg)),
+                            self.schedule, dict(saved.get("parts", {})) if saved else {})
+        check_parts(self.cfg, self.parts, parts, check, where)
+
+    def load_state_dict(self, state: dict[str, Any],
+                        where: Path | str = "the checkpoint") -> None:
+        """Continue from ``state``; raises ConfigError, before any part loads its state, when
+        a part of this recipe cannot continue from what the checkpoint (``where``) holds."""
+        step = int(state["step"])
+        if "consensus" in state:
+            self.resumed = (step, bool(state["consensus"]))
+        self.step = step
+        self._check_resume(state, step, self.in_consensus(), state.get("parts", {}), where)
         self.measured_syncs = int(state.get("measured_syncs", 0))
         self.events = [SyncEvent(int(s), str(a), float(d)) for s, a, d in state["events"]]
         for kind, part in self.parts.items():
             part.load_state_dict(state.get("parts", {}).get(kind, {}))
 
-    def load_merged(self, states: list[dict[str, Any]], step: int) -> None:
+    def load_merged(self, states: list[dict[str, Any]], step: int,
+                    where: Path | str = "the checkpoint") -> None:
         """Continue at ``step`` from the states of a run with another world size: each part
         merges its own states; events of the unfinished epoch are dropped with it."""
         self.step = step
         self.measured_syncs = max((int(s.get("measured_syncs", 0)) for s in states), default=0)
         self.events = []
+        merged = {kind: type(part).merge_states([s.get("parts", {}).get(kind, {})
+                                                 for s in states])
+                  for kind, part in self.parts.items()}
+        # The schedule's view decides what begin() rebuilds, so it is the one checked.
+        self._check_resume(states[0] if states else {}, step, self.in_consensus(), merged,
+                           where)
         for kind, part in self.parts.items():
-            own = [s.get("parts", {}).get(kind, {}) for s in states]
-            part.load_state_dict(type(part).merge_states(own))
+            part.load_state_dict(merged[kind])

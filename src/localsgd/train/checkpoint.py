@@ -46,6 +46,8 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
+        self.loaded: Path | None = None
+        """The checkpoint ``load_latest`` returned (named in refusals to resume from it)."""
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         folder = self.root / f"step-{step:08d}"
@@ -92,6 +94,7 @@ class Checkpointer:
             with self.meter.timed("other", ok.numel() * ok.element_size()):
                 dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if int(ok.item()) == 1:
+                self.loaded = folder
                 return [x for x in states if x is not None], old_world
             if self.rank == 0:
                 warnings.warn(f"checkpoint {folder} is incomplete or corrupted on at least one "

@@ -158,7 +158,7 @@ class Trainer:
             state = states[0]
             self.engine.load_state_dict(state["engine"])
             self.scheduler.load_state_dict(state["scheduler"])
-            self.controller.load_state_dict(state["sync"])
+            self.controller.load_state_dict(state["sync"], self.checkpointer.loaded)
             self.state.load_state_dict(state["trainer"])
         else:
             # Another world size: start from the average of the old workers' models (and
@@ -171,7 +171,8 @@ class Trainer:
             self.state.epoch_step = 0
             self.state.stats.zero_()
             self.controller.load_merged([s["sync"] for s in states],
-                                        self.state.epoch * self.steps_per_epoch)
+                                        self.state.epoch * self.steps_per_epoch,
+                                        self.checkpointer.loaded)
             for _ in range(self.controller.step):
                 self.scheduler.step()
         self.meter.load_state_dict(state["meter"])

@@ -99,6 +99,21 @@ class QSR(Fixed):
     def state_dict(self) -> dict[str, Any]:
         return {"ends": list(self.ends)}
 
+    def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
+        """The periods a checkpoint of this rule reached must be this recipe's too (a
+        checkpoint of another rule carries none: the periods start anew from the recipe)."""
+        saved = [int(e) for e in state.get("ends", [])]
+        if not saved:
+            return None
+        keep, self._saved = self._saved, []
+        self._cover(saved[-1])
+        self._saved = keep
+        mine = self.ends[:len(saved)]
+        if mine != saved:
+            return (f"its sync periods end at {saved}, this recipe's at {mine} (the LR "
+                    "schedule, sync.period or sync.qsr_alpha changed)")
+        return None
+
     @classmethod
     def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
         # Another world size scales the learning rate, so the periods legitimately change:

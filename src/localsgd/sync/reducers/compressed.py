@@ -223,6 +223,21 @@ class Compressed(Part):
         if self.feedback is not None:
             self.feedback.load_state_dict(state.get("feedback", {}))
 
+    def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
+        """A checkpoint without an anchor (written with another reducer) is continued from a
+        sync boundary only: every worker holds the checkpoint's model, so it is the anchor,
+        exactly, with no residual owed, as right after a compressed sync that ended there.
+        Mid-period the model of the last sync is gone. Residuals are kept per averaging
+        bucket, so they need the bucket layout that wrote them."""
+        if not state.get("anchor") and not check.consensus:
+            return ("resuming mid-period needs the anchor (the model of the last sync) it "
+                    "never kept")
+        residuals = state.get("feedback", {}).get("residuals")
+        if self.feedback is not None and residuals and "sync.bucket_mb" in check.changed:
+            return ("its error-feedback residuals are kept per averaging bucket, which "
+                    "sync.bucket_mb lays out")
+        return None
+
     @classmethod
     def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
         if not states:

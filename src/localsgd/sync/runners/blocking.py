@@ -32,6 +32,15 @@ class Blocking(Part):
         """Finish every sync still in flight (before the final average)."""
         return []
 
+    def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
+        """An average in flight in the checkpoint lands only through an overlapped runner."""
+        started = sorted({int(e[0]) for e in [*state.get("pending", []),
+                                               *state.get("waiting", [])]})
+        if started:
+            return (f"it holds the average of step {started[0]} still in flight, which only "
+                    "an overlapped runner lands")
+        return None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("pending") or state.get("waiting"):
             raise ConfigError([

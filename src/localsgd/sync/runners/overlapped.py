@@ -180,6 +180,26 @@ class Overlapped(Part):
         self.partial = {(int(s), str(a)): (int(n), float(sq))
                         for s, a, n, sq in state.get("partial", [])}
 
+    def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
+        """An average in flight lands at the step it was due, whatever ``overlap_steps`` is
+        now (fragments still to start land ``overlap_steps`` after their start), provided
+        the same tensors travel in the same fragments and no sync of the recipe starts
+        before it has landed."""
+        pending, waiting = state.get("pending", []), state.get("waiting", [])
+        if not (pending or waiting or state.get("partial")):
+            return None
+        for key in ("sync.fragments", "sync.average_buffers", "sync.momentum"):
+            if key in check.changed:
+                return (f"it holds an average in flight, started with the old {key}, which "
+                        "sets what travels and in which fragments")
+        lands = max([int(p[1]) for p in pending] + [int(w[1]) + self.tau for w in waiting])
+        clash = next((t for t in range(check.step + 1, lands)
+                      if check.schedule.action_after(t) is not None), None)
+        if clash is not None:
+            return (f"the average in flight lands at step {lands}, after this recipe's next "
+                    f"sync starts (step {clash})")
+        return None
+
     @classmethod
     def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
         # Another world size restarts from the average of the saved models, into which the

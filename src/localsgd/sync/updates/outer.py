@@ -127,6 +127,16 @@ class Outer(Update):
         return {"anchor": self.anchor, "velocity": self.velocity,
                 "anchor_step": self.anchor_step}
 
+    def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
+        """A checkpoint without an anchor (written with sync.update=copy) is continued from
+        a sync boundary only: the anchor is then the checkpoint's model, the same on every
+        worker, and the outer momentum starts at zero, as in a run that starts there.
+        Mid-period the model of the last sync is gone."""
+        if not state.get("anchor") and not check.consensus:
+            return ("resuming mid-period needs the anchor (the model of the last sync) it "
+                    "never kept")
+        return None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
