@@ -99,6 +99,8 @@ _world: World | None = None
 @TOPOLOGIES.register
 class Threads(Part):
     name = "threads"
+    mean_reducer = "threads"
+    """Parts that form no exact average (compressed) take the exact one through this."""
 
     def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
         assert _world is not None

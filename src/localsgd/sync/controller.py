@@ -319,14 +319,14 @@ class SyncController:
                 "recipe": record(self.cfg), "consensus": self.in_consensus()}
 
     def _check_resume(self, state: dict[str, Any], step: int, consensus: bool,
-                      parts: dict[str, dict[str, Any]], where: Path | str) -> None:
+                      parts: dict[str, dict[str, Any]], where: Path | str | None) -> None:
         saved = state.get("recipe")
         check = ResumeCheck(step, consensus, changed_keys(saved, record(self.cfg)),
                             self.schedule, dict(saved.get("parts", {})) if saved else {})
         check_parts(self.cfg, self.parts, parts, check, where)
 
     def load_state_dict(self, state: dict[str, Any],
-                        where: Path | str = "the checkpoint") -> None:
+                        where: Path | str | None = None) -> None:
         """Continue from ``state``; raises ConfigError, before any part loads its state, when
         a part of this recipe cannot continue from what the checkpoint (``where``) holds."""
         step = int(state["step"])
@@ -340,7 +340,7 @@ class SyncController:
             part.load_state_dict(state.get("parts", {}).get(kind, {}))
 
     def load_merged(self, states: list[dict[str, Any]], step: int,
-                    where: Path | str = "the checkpoint") -> None:
+                    where: Path | str | None = None) -> None:
         """Continue at ``step`` from the states of a run with another world size: each part
         merges its own states; events of the unfinished epoch are dropped with it."""
         self.step = step

@@ -100,26 +100,38 @@ def changed_keys(saved: dict[str, Any] | None, now: dict[str, Any]) -> Changed:
             if old.get(k) != new.get(k)}
 
 
-def refusal(cfg: Any, kind: str, written_by: str | None, check: ResumeCheck, where: Path | str,
-            reason: str) -> str:
+def refusal(cfg: Any, kind: str, written_by: str | None, check: ResumeCheck,
+            where: Path | str | None, reason: str) -> str:
     """One line: the changed keys of this kind's part (old and new), why the part cannot
     continue, and the two ways out."""
-    related = set(part_keys(cfg, kind)) | (
-        set(part_keys(cfg, kind, written_by)) if written_by else set())
-    keys = [k for k in check.changed if k in related or k in reason] or list(check.changed)
+    source = "the checkpoint" if where is None else f"the checkpoint in {where}"
+    selector = f"sync.{PART_KINDS[kind][0]}"
+    if selector in check.changed:
+        # Another part was chosen: the keys only one of the two reads are no change of it.
+        keys = [selector, *(k for k in check.changed if k != selector and k in reason)]
+    else:
+        read = set(part_keys(cfg, kind)) | (
+            set(part_keys(cfg, kind, written_by)) if written_by else set())
+        keys = [k for k in check.changed if k in read or k in reason] or list(check.changed)
     if not keys:
-        return (f"sync.{PART_KINDS[kind][0]}: the checkpoint in {where} cannot be continued: "
+        return (f"{selector}: {source} cannot be continued: "
                 f"{reason}. Start fresh with run.resume=false (or another run.dir)")
-    old = ", ".join(_shown(check.changed[k][0]) for k in keys)
-    new = ", ".join(_shown(check.changed[k][1]) for k in keys)
+    shown = {k: (_shown(a), _shown(b)) for k, (a, b) in check.changed.items()}
+    if selector in shown:
+        # ``auto`` and the like: say which part each value chose.
+        names = (written_by, SECTION.name_of(cfg, PART_KINDS[kind][0]))
+        shown[selector] = tuple(f"{v} ({n})" if n and n != v else v  # type: ignore[assignment]
+                                for v, n in zip(shown[selector], names, strict=True))
+    old = ", ".join(shown[k][0] for k in keys)
+    new = ", ".join(shown[k][1] for k in keys)
     back = " ".join(f"{k}={_shown(check.changed[k][0])}" for k in keys)
-    return (f"{', '.join(keys)}: the checkpoint in {where} was written with {old}, the recipe "
+    return (f"{', '.join(keys)}: {source} was written with {old}, the recipe "
             f"says {new}; {reason}. Resume with {back}, or start fresh with run.resume=false "
             "(or another run.dir)")
 
 
 def check_parts(cfg: Any, parts: dict[str, Any], states: dict[str, dict[str, Any]],
-                check: ResumeCheck, where: Path | str) -> None:
+                check: ResumeCheck, where: Path | str | None) -> None:
     """Raise one ConfigError with a line per part that cannot continue from ``states``."""
     problems = []
     for kind, part in parts.items():
