@@ -19,7 +19,9 @@ average.
 
 Memory: the anchor (one copy of the parameters) and, with error feedback, the residual
 (another). Both are in the checkpoint; on a world-size change the anchor (the same on every
-worker) is kept and the residuals are merged by the codec library's rule.
+worker) is kept and the residuals are merged by the codec library's rule. A checkpoint
+written with another reducer has no anchor: at a sync boundary the model is the anchor
+(every worker holds it), mid-period the resume is refused (``resume_problem``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ boundary can split a bucket, so there may be one more call per fragment.
 
 A checkpoint taken while a sync is in flight waits for its collectives and saves the
 snapshot and the reduced values (and the fragments still to start); the resumed run applies
-them at the same step, so it is bitwise identical to an uninterrupted one. Extra memory: two
+them at the same step, so it is bitwise identical to an uninterrupted one. A resume with
+another ``overlap_steps`` still lands it at that step; one with other fragments or other
+tensors travelling, or whose next sync would start before it lands, is refused. Extra memory: two
 copies of what is in flight (the snapshot and the buffer being reduced): twice the model's
 synced tensors, or twice the largest fragment. ``peak_bytes`` records the most it held.
 """
