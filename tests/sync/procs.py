@@ -27,6 +27,8 @@ class Scenario:
     local_world: int = 1
     resume_at: int | None = None
     """Also run again from the controller and target state saved after this many steps."""
+    resume_with: dict[str, Any] | None = None
+    """The ``sync`` keyword arguments of that second run, when they differ (a changed part)."""
     finish: bool = False
 
 
@@ -37,6 +39,7 @@ class Record:
     comm: dict[str, float] = field(default_factory=dict)
     events: list[tuple[int, str, float]] = field(default_factory=list)
     resumed_after: list[torch.Tensor] = field(default_factory=list)
+    resumed_before: list[torch.Tensor] = field(default_factory=list)
     final: torch.Tensor | None = None
 
 
@@ -53,7 +56,8 @@ def _drive(scenario: Scenario, rank: int, world: int, start: int = 0,
     lw = scenario.local_world
     info = DistInfo(rank, world, rank % lw, lw, torch.device("cpu"), "gloo")
     meter = CommMeter()
-    ctl = SyncController.build(SyncConfig(**scenario.sync), info, meter, steps_per_epoch=10)
+    keys = scenario.resume_with if state is not None and scenario.resume_with else scenario.sync
+    ctl = SyncController.build(SyncConfig(**keys), info, meter, steps_per_epoch=10)
     target = FakeTarget(rank)
     if state is not None:
         ctl.load_state_dict(state[0])
@@ -86,7 +90,7 @@ def _worker(rank: int, world: int, init: str, out: str, scenarios: list[Scenario
             rec = _drive(sc, rank, world, keep=keep)
             if sc.resume_at is not None:
                 again = _drive(sc, rank, world, start=sc.resume_at, state=keep["state"])
-                rec.resumed_after = again.after
+                rec.resumed_after, rec.resumed_before = again.after, again.before
             results[sc.name] = rec
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import assert_refused
 from procs import Record, Scenario, run_processes
 
@@ -41,6 +42,11 @@ SCENARIOS = [
     Scenario("hier", {"algorithm": "hierarchical", "period": 1, "block_period": 2,
                       "compression": CompressionKeys(method="ef_sign")},
              steps=4, local_world=2),
+    # Resumes with another codec (mid-period) and with compression turned on (at a boundary).
+    Scenario("ef_sign_to_bf16", local("ef_sign"), steps=6, resume_at=3,
+             resume_with=local("bf16")),
+    Scenario("none_to_ef_sign", local("none"), steps=6, resume_at=4,
+             resume_with=local("ef_sign")),
 ]
 
 
@@ -210,3 +216,30 @@ def test_compression_with_zero_stage_1_is_refused(tmp_path: Path) -> None:
                     f"engine.deepspeed_config={ds}"],
                    f"engine.deepspeed_config: '{ds}' sets zero_optimization.stage=1, but "
                    "sync.compression.method=ef_sign")
+
+
+def test_another_codec_mid_period_continues_from_the_checkpoint_anchor(
+        ranks: list[dict[str, Record]]) -> None:
+    """ef_sign's checkpoint after step 3 keeps the anchor of the sync at 2; bf16 (no error
+    feedback) then syncs at 4: theta = anchor - mean_i bf16(anchor - theta_i)."""
+    recs = [r["ef_sign_to_bf16"] for r in ranks]
+    anchor = recs[0].after[1].numpy()
+    before = [r.resumed_before[0] for r in recs]  # step 4's models before its sync
+    sent = [torch.from_numpy(anchor).sub(b).to(torch.bfloat16).double().numpy()
+            for b in before]
+    for r in recs:
+        np.testing.assert_allclose(r.resumed_after[0].numpy(), anchor - np.mean(sent, 0),
+                                   rtol=0, atol=1e-12)
+
+
+def test_compression_turned_on_at_a_boundary_anchors_on_the_model(
+        ranks: list[dict[str, Record]]) -> None:
+    """A mean checkpoint at the sync of step 4 resumed with ef_sign: the anchor is that
+    model and no residual is owed, so the sync at 6 sends scaled signs of the deltas."""
+    recs = [r["none_to_ef_sign"] for r in ranks]
+    anchor = recs[0].after[3].numpy()
+    assert all(np.array_equal(r.after[3].numpy(), anchor) for r in recs)
+    sent = [scaled_sign(anchor - r.resumed_before[1].numpy()) for r in recs]
+    for r in recs:
+        np.testing.assert_allclose(r.resumed_after[1].numpy(), anchor - np.mean(sent, 0),
+                                   rtol=0, atol=1e-6)
