@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_args, torchrun
+from conftest import run_group, synthetic_args, torchrun, worker_env
 from helpers import final_model, summary
 
 # 16 steps per epoch; a sync every 4 steps.
@@ -15,19 +16,20 @@ LOCAL = ["sync.algorithm=local", "sync.period=4", "run.checkpoint_every_epochs=1
 def test_compression_turned_on_mid_period_is_refused_with_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     torchrun(synthetic_args(run, *LOCAL, "train.max_steps=6"))
-    proc = torchrun(synthetic_args(run, *LOCAL, "train.max_steps=12",
-                                   "sync.compression.method=ef_sign"), check=False)
-    assert proc.returncode != 0
+    # Relaunched as users start jobs, through ``localsgd run``.
+    proc = run_group([sys.executable, "-m", "localsgd", "run", "--nproc-per-node=2",
+                      *synthetic_args(run, *LOCAL, "train.max_steps=12",
+                                      "sync.compression.method=ef_sign")],
+                     env=worker_env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     line = (f"sync.compression.method: the checkpoint in {run}/checkpoints/step-00000006 was "
             "written with none, the recipe says ef_sign; resuming mid-period needs the anchor "
             "(the model of the last sync) it never kept. Resume with "
             "sync.compression.method=none, or start fresh with run.resume=false (or another "
             "run.dir)")
-    assert line in proc.stderr, proc.stderr[-3000:]
-    # torchrun's agent reports the worker's exit status 2; no worker prints a traceback.
-    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
-    assert proc.stderr.count("localsgd: error") == 1 and "exitcode  : 2" in proc.stderr
-    assert "resumed from step" not in proc.stdout
+    assert f"  - {line}\n" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resumed from step" not in proc.stdout
+    assert "localsgd: error: the job failed (rank 0 exit code 2" in proc.stderr
     assert summary(run)["step"] == 6  # the first launch's, untouched
 
 

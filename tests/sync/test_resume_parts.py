@@ -13,6 +13,7 @@ from threads import FakeTarget, Worker, run_workers
 
 from localsgd.config.errors import ConfigError
 from localsgd.sync.config import SyncConfig
+from localsgd.sync.controller import SyncController
 from localsgd.sync.reducers.compressed import CompressionKeys
 from localsgd.sync.updates.outer import OuterOptimizerKeys
 
@@ -289,3 +290,21 @@ def test_blocking_to_overlapped_starts_its_first_average_at_the_next_sync(at: in
     for w in resumed:
         landed(w, resumed, started=first, lands=first + 2, first=at)
         assert [e.step for e in w.controller.events] == [4, 8, 12]
+
+
+# another world size ------------------------------------------------------------------
+def test_world_size_change_drops_averages_in_flight_and_checks_anchors() -> None:
+    workers, _ = run_workers(sync(period=4, overlap_steps=3), steps=6)
+    states = [w.controller.state_dict() for w in workers]
+    assert states[0]["parts"]["runner"]["pending"]
+    ctl = workers[0].controller
+    # The merged run starts at an epoch's first step from the average of the models; a
+    # blocking runner there has nothing in flight to land.
+    blocking = SyncController(sync(period=4), ctl.schedule, ctl.info, ctl.meter)
+    blocking.load_merged(states, step=4)
+    assert blocking.step == 4 and blocking.in_consensus()
+    compressed = SyncController(sync(period=4, **EF_SIGN), ctl.schedule, ctl.info, ctl.meter)
+    with pytest.raises(ConfigError, match="sync.reducer: the checkpoint in ckpt was written "
+                                          "with threads, the recipe says auto"):
+        compressed.load_merged(states, step=2, where="ckpt")
+    compressed.load_merged(states, step=4, where="ckpt")  # a boundary: the model is the anchor

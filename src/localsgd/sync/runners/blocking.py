@@ -48,6 +48,11 @@ class Blocking(Part):
                 "by a run with sync.overlap_steps > 0; resume with that setting (the average "
                 "lands at its step), or set run.resume=false"])
 
+    @classmethod
+    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
+        # Another world size drops the averages in flight (see the overlapped runner).
+        return {}
+
     def in_consensus(self, schedule: Schedule, step: int) -> bool:
         """Whether all workers hold identical parameters after ``step`` steps."""
         return schedule.in_consensus(step)
