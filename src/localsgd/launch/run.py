@@ -13,6 +13,7 @@ failed rank instead of torchrun's traceback and summary.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from typing import Any
@@ -26,8 +27,9 @@ def _fixed_nodes(nnodes: str) -> int | None:
     return int(low) if not high or high == low else None
 
 
-def launch_problems(recipe: str, overrides: list[str], nnodes: str, nproc: str) -> list[str]:
-    """Every problem of the recipe under this launch (empty when it may start)."""
+def _checked(recipe: str, overrides: list[str], nnodes: str,
+             nproc: str) -> tuple[Any, list[str]]:
+    """(the recipe or None, every problem of it under this launch)."""
     from localsgd.recipe import load_config, validate_launch
 
     try:
@@ -39,10 +41,46 @@ def launch_problems(recipe: str, overrides: list[str], nnodes: str, nproc: str) 
         if nodes is not None and nproc.isdigit():
             validate_launch(cfg, nodes * int(nproc), int(nproc))
     except ConfigError as exc:
-        return exc.problems
+        return None, exc.problems
     except ValueError as exc:
-        return [f"--nnodes: {exc}"]
-    return []
+        return None, [f"--nnodes: {exc}"]
+    return cfg, []
+
+
+def launch_problems(recipe: str, overrides: list[str], nnodes: str, nproc: str) -> list[str]:
+    """Every problem of the recipe under this launch (empty when it may start)."""
+    return _checked(recipe, overrides, nnodes, nproc)[1]
+
+
+def _launch(args: Any, timeout_s: float) -> None:
+    """torchrun's ``run(args)``; a static multi-node rendezvous says what it waits for.
+
+    The static rendezvous (``--nnodes=N --master-addr/--master-port``) waits for the other
+    nodes before any worker exists; its wait is bounded by the recipe's ``dist.timeout_s``
+    unless ``--rdzv-conf timeout=S`` (or ``join_timeout=S``) says otherwise.
+    """
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, run
+
+    from localsgd.launch.rendezvous import BACKEND, register
+
+    many = args.nnodes.partition(":")[2] or args.nnodes
+    static = args.rdzv_backend == "static" and not args.standalone and (
+        args.rdzv_endpoint or args.master_port is not None or int(many) > 1)
+    if not static:
+        run(args)
+        return
+    if args.master_port is None:
+        args.master_port = 29500
+    config, cmd, cmd_args = config_from_args(args)
+    conf = config.rdzv_configs
+    given = {kv.partition("=")[0].strip() for kv in (args.rdzv_conf or "").split(",")}
+    if "timeout" not in given:  # torchrun's own default (900 s) replaced by the recipe's
+        conf["timeout"] = int(conf.pop("join_timeout", math.ceil(timeout_s)))
+    conf["localsgd_nproc"] = config.nproc_per_node
+    register()
+    config.rdzv_backend = BACKEND
+    elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
 
 
 def torchrun_args(argv: list[str]) -> Any:
@@ -62,7 +100,7 @@ def torchrun_args(argv: list[str]) -> Any:
 
 def run_main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import run
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
     try:
         args = torchrun_args(argv)
@@ -71,7 +109,7 @@ def run_main(argv: list[str]) -> int:
               "[dotted.key=value ...]", file=sys.stderr, flush=True)
         return 2
     recipe, overrides = args.training_script, list(args.training_script_args)
-    problems = launch_problems(recipe, overrides, args.nnodes, str(args.nproc_per_node))
+    cfg, problems = _checked(recipe, overrides, args.nnodes, str(args.nproc_per_node))
     if problems:
         print(f"localsgd: error: {ConfigError(problems)}", file=sys.stderr, flush=True)
         return 2
@@ -82,7 +120,10 @@ def run_main(argv: list[str]) -> int:
     for name in ("torch.distributed.elastic", "torch.distributed.run"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        run(args)
+        _launch(args, cfg.dist.timeout_s)
+    except RendezvousError as exc:
+        print(f"localsgd: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
         ranks = ", ".join(f"rank {rank} exit code {f.exitcode}" for rank, f in failures)

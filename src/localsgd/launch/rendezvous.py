@@ -1,0 +1,173 @@
+"""torchrun's static rendezvous, saying what it waits for.
+
+With ``--nnodes=N --node-rank=R --master-addr=A --master-port=P`` (torchrun's default,
+static, rendezvous) the launcher of node 0 hosts the job's TCPStore and waits, before any
+worker exists, until the launchers of all N nodes have connected; the other launchers keep
+dialling A:P. torchrun does both silently, for 600 s. Here the same rendezvous (same store,
+same keys afterwards, so torchrun's agent and the workers see no difference) announces
+itself: node 0 prints the endpoint and the nodes (and workers) it still waits for every
+few seconds, the others print that A:P does not answer yet, and when the time is up the
+error names the node ranks that never arrived.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from torch.distributed import DistError, TCPStore
+from torch.distributed.elastic.rendezvous import (
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousTimeoutError,
+    rendezvous_handler_registry,
+)
+from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import (
+    StaticTCPRendezvous,
+    create_rdzv_handler,
+)
+
+BACKEND = "localsgd-static"
+"""The name this rendezvous is registered under (torchrun's ``static``, announced)."""
+FIRST_NOTICE_S = 2.0
+"""A normal start joins within this; only a wait longer than it is announced."""
+NOTICE_EVERY_S = 5.0
+"""How often the waiting line is repeated."""
+_POLL_S = 0.25
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+class Announcer:
+    """Calls ``say(elapsed)`` after ``FIRST_NOTICE_S``, then every ``NOTICE_EVERY_S``."""
+
+    def __init__(self, say: Callable[[float], None]) -> None:
+        self._say = say
+        self._start = time.monotonic()
+        self._next = FIRST_NOTICE_S
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+    def tick(self) -> None:
+        if self.elapsed >= self._next:
+            self._say(self.elapsed)
+            self._next += NOTICE_EVERY_S
+
+
+def host_and_wait(addr: str, port: int, node_rank: int, nodes: int, nproc: int | None,
+                  timeout: timedelta, run_id: str) -> TCPStore:
+    """Node 0: host the store and wait until every node's launcher has said it is there."""
+    store = TCPStore(addr, port, nodes, True, timeout, wait_for_workers=False,
+                     multi_tenant=True)
+    return _wait_for_nodes(store, f"{addr}:{port}", node_rank, nodes, nproc, timeout, run_id)
+
+
+def _wait_for_nodes(store: TCPStore, endpoint: str, node_rank: int, nodes: int,
+                    nproc: int | None, timeout: timedelta, run_id: str) -> TCPStore:
+    key = f"localsgd/rdzv/{run_id}/node/"
+    store.set(f"{key}{node_rank}", "1")
+
+    def missing() -> list[int]:
+        return [r for r in range(nodes) if not store.check([f"{key}{r}"])]
+
+    def count(gone: list[int]) -> str:
+        workers = f" ({len(gone) * nproc} of {nodes * nproc} workers)" if nproc else ""
+        return f"{len(gone)} of {nodes} nodes{workers}"
+
+    def say(elapsed: float) -> None:
+        gone = missing()
+        _say(f"localsgd: waiting at the rendezvous {endpoint} for {count(gone)}, node ranks "
+             f"{_ranks(gone)} missing ({elapsed:.0f} s of {timeout.total_seconds():.0f} s); "
+             f"every node runs `localsgd run --nnodes={nodes} --node-rank=R` with this "
+             "--master-addr/--master-port and must reach that address")
+
+    clock = Announcer(say)
+    while gone := missing():
+        if clock.elapsed > timeout.total_seconds():
+            raise RendezvousTimeoutError(
+                f"{count(gone)} never joined the rendezvous at "
+                f"{endpoint} within {timeout.total_seconds():.0f} s: node ranks "
+                f"{_ranks(gone)} missing; start them (same --master-addr/--master-port), "
+                "check that they can reach this address (firewall, --master-addr), or "
+                "raise dist.timeout_s")
+        clock.tick()
+        time.sleep(_POLL_S)
+    return store
+
+
+def dial(addr: str, port: int, node_rank: int, nodes: int, timeout: timedelta,
+         run_id: str) -> TCPStore:
+    """Another node: connect to node 0's store, saying so while it does not answer."""
+    endpoint = f"{addr}:{port}"
+    clock = Announcer(lambda elapsed: _say(
+        f"localsgd: node rank {node_rank} waiting for node 0's rendezvous at {endpoint} "
+        f"({elapsed:.0f} s of {timeout.total_seconds():.0f} s): it does not answer yet; "
+        "is node 0 started, and is --master-addr its address?"))
+    while True:
+        left = timeout.total_seconds() - clock.elapsed
+        if left <= 0:
+            raise RendezvousTimeoutError(
+                f"node rank {node_rank} could not reach the rendezvous at {endpoint} within "
+                f"{timeout.total_seconds():.0f} s; start node 0 (--node-rank=0) and check "
+                "--master-addr/--master-port and the firewall, or raise dist.timeout_s")
+        # A plain connection first: TCPStore's own retries log a C++ stack trace each.
+        try:
+            socket.create_connection((addr, port), timeout=min(left, 1.0)).close()
+        except OSError:
+            clock.tick()
+            time.sleep(min(_POLL_S * 4, max(left, 0.0)))
+            continue
+        try:
+            store = TCPStore(addr, port, nodes, False, timedelta(seconds=left))
+            break
+        except DistError:
+            clock.tick()
+    store.set_timeout(timeout)
+    store.set(f"localsgd/rdzv/{run_id}/node/{node_rank}", "1")
+    return store
+
+
+class AnnouncedStaticRendezvous(StaticTCPRendezvous):
+    """torchrun's static rendezvous whose first join is announced (see the module doc)."""
+
+    def __init__(self, *args: Any, nproc: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nproc = nproc
+
+    def get_backend(self) -> str:
+        return BACKEND
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        # Only the first join waits for the nodes; a restart reuses the store, as torchrun's.
+        if self._store is None and self.rank == 0:
+            self._store = host_and_wait(self.master_addr, self.master_port, self.rank,
+                                        self.world_size, self.nproc, self.timeout, self.run_id)
+        elif self._store is None:
+            self._store = dial(self.master_addr, self.master_port, self.rank,
+                               self.world_size, self.timeout, self.run_id)
+        return super().next_rendezvous()
+
+
+def _create(params: RendezvousParameters) -> AnnouncedStaticRendezvous:
+    nproc = params.config.pop("localsgd_nproc", None)
+    inner = create_rdzv_handler(params)
+    return AnnouncedStaticRendezvous(
+        inner.master_addr, inner.master_port, inner.rank, inner.world_size, inner.run_id,
+        int(inner.timeout.total_seconds()), nproc=int(nproc) if nproc else None)
+
+
+def register() -> None:
+    """Make ``BACKEND`` known to torchrun's launcher (once per process)."""
+    rendezvous_handler_registry.register(BACKEND, _create)  # the same creator again: no-op
