@@ -26,22 +26,26 @@ WAITING = re.compile(r"localsgd: waiting at the rendezvous 127\.0\.0\.1:(\d+) fo
 
 
 def test_node_0_announces_the_wait_and_names_the_missing_nodes(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import localsgd.launch.rendezvous as rdzv
+
+    # Sooner and more often than a real launch (2 s, then every 5 s: the slow test below).
+    monkeypatch.setattr(rdzv, "FIRST_NOTICE_S", 0.5)
+    monkeypatch.setattr(rdzv, "NOTICE_EVERY_S", 1.0)
     port = free_port()
     start = time.monotonic()
     with pytest.raises(RendezvousTimeoutError) as err:
-        host_and_wait("127.0.0.1", port, 0, 3, 2, timedelta(seconds=8), "t")
+        host_and_wait("127.0.0.1", port, 0, 3, 2, timedelta(seconds=3), "t")
     took = time.monotonic() - start
     lines = capsys.readouterr().err.splitlines()
-    assert 8 <= took < 10
-    # At 2 s, then every 5 s: two lines in 8 s.
-    assert len(lines) == 1 + int((8 - FIRST_NOTICE_S) // NOTICE_EVERY_S), lines
+    assert 3 <= took < 5
+    assert len(lines) == 3, lines  # at 0.5 s, 1.5 s and 2.5 s
     assert all(line.startswith(
         f"localsgd: waiting at the rendezvous 127.0.0.1:{port} for 2 of 3 nodes (4 of 6 "
         "workers), node ranks 1, 2 missing (") for line in lines), lines
     assert str(err.value).startswith(
         f"2 of 3 nodes (4 of 6 workers) never joined the rendezvous at 127.0.0.1:{port} "
-        "within 8 s: node ranks 1, 2 missing; start them")
+        "within 3 s: node ranks 1, 2 missing; start them")
 
 
 def test_another_node_says_node_0_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,3 +125,53 @@ def test_a_missing_second_node_is_visible_within_seconds(tmp_path: Path) -> None
                                   f"joined the rendezvous at 127.0.0.1:{port} within 15 s: "
                                   "node ranks 1 missing")
     assert not any("Traceback" in m for _, m in seen)
+
+
+def worker_env_vars(monkeypatch: pytest.MonkeyPatch, port: int, rank: int) -> None:
+    """The environment torchrun gives a worker of a 2-node job with 2 workers per node."""
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                        "WORLD_SIZE": "4", "LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2",
+                        "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_rank_0_names_the_workers_that_never_joined(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    from torch.distributed import PrefixStore, TCPStore
+
+    import localsgd.launch.rendezvous as rdzv
+
+    port = free_port()
+    # Node 0's launcher hosts the store; rank 1 (same node) has joined, node 1's have not.
+    launcher = TCPStore("127.0.0.1", port, 1, True, timedelta(seconds=30),
+                        wait_for_workers=False)
+    PrefixStore("localsgd/attempt_0", launcher).set("joined/1", "1")
+    worker_env_vars(monkeypatch, port, rank=0)
+    monkeypatch.setattr(rdzv, "WORKER_NOTICE_S", 1.0)  # announce sooner than a real job would
+    code = main(["train", *synthetic_args(tmp_path / "r", "dist.timeout_s=3")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert err[0].startswith(f"localsgd: waiting at 127.0.0.1:{port} for 2 of 4 workers, ranks "
+                             "2, 3 (node ranks 1) missing (1 s of 3 s)"), err
+    assert len([line for line in err if line.startswith("localsgd: waiting")]) >= 2
+    assert err[-1] == (
+        f"localsgd: error (rank 0): 2 of 4 workers never joined the rendezvous at "
+        f"127.0.0.1:{port} within 3 s: ranks 2, 3 (node ranks 1) missing; their launchers' "
+        "messages say why (or raise dist.timeout_s)")
+
+
+def test_a_worker_that_cannot_reach_the_store_says_so(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    port = free_port()  # a wrong address: nobody listens
+    worker_env_vars(monkeypatch, port, rank=2)
+    code = main(["train", *synthetic_args(tmp_path / "r", "dist.timeout_s=3")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert err[0].startswith(f"localsgd: rank 2 waiting for the job's store at "
+                             f"127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT from node 0's "
+                             "launcher) (2 s of 3 s): it does not answer"), err
+    assert err[-1].startswith(f"localsgd: error (rank 2): rank 2 could not reach the job's "
+                              f"store at 127.0.0.1:{port} within 3 s")

@@ -37,6 +37,9 @@ FIRST_NOTICE_S = 2.0
 """A normal start joins within this; only a wait longer than it is announced."""
 NOTICE_EVERY_S = 5.0
 """How often the waiting line is repeated."""
+WORKER_NOTICE_S = 10.0
+"""Workers of one job start together, but importing torch on a loaded machine can put
+seconds between them: their wait is announced after this, and repeated as often."""
 _POLL_S = 0.25
 
 
@@ -49,12 +52,15 @@ def _ranks(ranks: list[int]) -> str:
 
 
 class Announcer:
-    """Calls ``say(elapsed)`` after ``FIRST_NOTICE_S``, then every ``NOTICE_EVERY_S``."""
+    """Calls ``say(elapsed)`` after ``first`` seconds, then every ``every`` (by default
+    ``FIRST_NOTICE_S`` and ``NOTICE_EVERY_S``)."""
 
-    def __init__(self, say: Callable[[float], None]) -> None:
+    def __init__(self, say: Callable[[float], None], first: float | None = None,
+                 every: float | None = None) -> None:
         self._say = say
         self._start = time.monotonic()
-        self._next = FIRST_NOTICE_S
+        self._next = FIRST_NOTICE_S if first is None else first
+        self._every = NOTICE_EVERY_S if every is None else every
 
     @property
     def elapsed(self) -> float:
@@ -63,7 +69,7 @@ class Announcer:
     def tick(self) -> None:
         if self.elapsed >= self._next:
             self._say(self.elapsed)
-            self._next += NOTICE_EVERY_S
+            self._next += self._every
 
 
 def host_and_wait(addr: str, port: int, node_rank: int, nodes: int, nproc: int | None,
@@ -171,3 +177,71 @@ def _create(params: RendezvousParameters) -> AnnouncedStaticRendezvous:
 def register() -> None:
     """Make ``BACKEND`` known to torchrun's launcher (once per process)."""
     rendezvous_handler_registry.register(BACKEND, _create)  # the same creator again: no-op
+
+
+class JoinError(RuntimeError):
+    """Workers that never joined the job's store (its text is the whole explanation)."""
+
+
+def reach(addr: str, port: int, rank: int, local_rank: int, timeout: timedelta) -> None:
+    """A worker: wait until the job's store at ``addr:port`` (torchrun's MASTER_ADDR and
+    MASTER_PORT, hosted by node 0's launcher) accepts connections, saying so meanwhile.
+
+    The address is the one node 0's launcher advertises (``--master-addr``, or with
+    ``--rdzv-backend=c10d`` its ``--local-addr``/host name): a wrong one shows up here.
+    """
+    endpoint = f"{addr}:{port}"
+    def say(elapsed: float) -> None:
+        if local_rank == 0:  # one line per node
+            _say(f"localsgd: rank {rank} waiting for the job's store at {endpoint} "
+                 f"(MASTER_ADDR:MASTER_PORT from node 0's launcher) ({elapsed:.0f} s of "
+                 f"{timeout.total_seconds():.0f} s): it does not answer; node 0's "
+                 "--master-addr (or with --rdzv-backend=c10d its --local-addr) must be an "
+                 "address this node reaches")
+
+    clock = Announcer(say)
+    while True:
+        left = timeout.total_seconds() - clock.elapsed
+        try:
+            socket.create_connection((addr, port), timeout=max(min(left, 1.0), 0.1)).close()
+            return
+        except OSError:
+            if left <= 0:
+                raise JoinError(
+                    f"rank {rank} could not reach the job's store at {endpoint} within "
+                    f"{timeout.total_seconds():.0f} s; check node 0's --master-addr (or "
+                    "--local-addr with --rdzv-backend=c10d) and the firewall") from None
+            clock.tick()
+            time.sleep(_POLL_S)
+
+
+def await_workers(store: Any, rank: int, world: int, local_world: int, endpoint: str,
+                  timeout: timedelta) -> None:
+    """Every worker says it is there; rank 0 waits for all, naming the missing ones."""
+    store.set(f"joined/{rank}", "1")
+    if rank != 0:
+        return  # init_process_group waits for the others; rank 0 speaks for the job
+    everyone = [f"joined/{r}" for r in range(world)]
+
+    def missing() -> list[int]:
+        return [r for r in range(world) if not store.check([f"joined/{r}"])]
+
+    def which(gone: list[int]) -> str:
+        nodes = sorted({r // local_world for r in gone})
+        return f"ranks {_ranks(gone)} (node ranks {_ranks(nodes)})"
+
+    def say(elapsed: float) -> None:
+        gone = missing()
+        _say(f"localsgd: waiting at {endpoint} for {len(gone)} of {world} workers, "
+             f"{which(gone)} missing ({elapsed:.0f} s of {timeout.total_seconds():.0f} s)")
+
+    clock = Announcer(say, WORKER_NOTICE_S, WORKER_NOTICE_S)
+    while not store.check(everyone):
+        if clock.elapsed > timeout.total_seconds():
+            gone = missing()
+            raise JoinError(
+                f"{len(gone)} of {world} workers never joined the rendezvous at {endpoint} "
+                f"within {timeout.total_seconds():.0f} s: {which(gone)} missing; their "
+                "launchers' messages say why (or raise dist.timeout_s)")
+        clock.tick()
+        time.sleep(_POLL_S)
