@@ -95,6 +95,20 @@ def test_localsgd_run_waits_with_the_recipes_timeout(capsys: pytest.CaptureFixtu
     assert not (tmp_path / "r").exists()
 
 
+def test_the_c10d_rendezvous_is_announced_too(capsys: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    port = free_port()
+    code = main(["run", "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-conf=join_timeout=3",
+                 *synthetic_args(tmp_path / "r")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert err[0].startswith(f"localsgd: waiting at the rendezvous 127.0.0.1:{port} for 2 "
+                             "nodes (4 workers) (2 s of 3 s)"), err
+    assert err[-1].startswith(f"localsgd: error: the rendezvous at 127.0.0.1:{port} did not "
+                              "gather 2 nodes (4 workers) within 3 s (join_timeout)"), err
+
+
 @pytest.mark.slow
 def test_a_missing_second_node_is_visible_within_seconds(tmp_path: Path) -> None:
     port = free_port()

@@ -1,19 +1,25 @@
-"""torchrun's static rendezvous, saying what it waits for.
+"""Multi-node start-up that says what it waits for.
 
-With ``--nnodes=N --node-rank=R --master-addr=A --master-port=P`` (torchrun's default,
-static, rendezvous) the launcher of node 0 hosts the job's TCPStore and waits, before any
-worker exists, until the launchers of all N nodes have connected; the other launchers keep
-dialling A:P. torchrun does both silently, for 600 s. Here the same rendezvous (same store,
-same keys afterwards, so torchrun's agent and the workers see no difference) announces
-itself: node 0 prints the endpoint and the nodes (and workers) it still waits for every
-few seconds, the others print that A:P does not answer yet, and when the time is up the
-error names the node ranks that never arrived.
+torchrun waits silently, for up to 900 s, in three places; each is announced here (first
+after a couple of seconds, then every few) and ends in one line naming what never came:
+
+- the launchers' rendezvous, before any worker exists. With the static rendezvous
+  (``--nnodes=N --node-rank=R --master-addr=A --master-port=P``) node 0 hosts the job's
+  TCPStore and waits for all N launchers; here node 0 counts them by node rank (same
+  store, same keys afterwards, so torchrun's agent and the workers see no difference) and
+  the others say that A:P does not answer yet. With ``--rdzv-backend=c10d`` the wait
+  happens inside torchrun's handler, whose state is not public: a watcher thread says it
+  waits, for how many nodes, and for how long.
+- a worker connecting to the job's store (MASTER_ADDR:MASTER_PORT, the address node 0's
+  launcher advertises): a wrong ``--master-addr``/``--local-addr`` shows up here.
+- rank 0 waiting for the other workers to reach the store: it names the missing ranks.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +27,7 @@ from typing import Any
 
 from torch.distributed import DistError, TCPStore
 from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
     RendezvousInfo,
     RendezvousParameters,
     RendezvousTimeoutError,
@@ -33,6 +40,8 @@ from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import (
 
 BACKEND = "localsgd-static"
 """The name this rendezvous is registered under (torchrun's ``static``, announced)."""
+C10D_BACKEND = "localsgd-c10d"
+"""torchrun's ``c10d`` rendezvous, its waits announced."""
 FIRST_NOTICE_S = 2.0
 """A normal start joins within this; only a wait longer than it is announced."""
 NOTICE_EVERY_S = 5.0
@@ -174,9 +183,84 @@ def _create(params: RendezvousParameters) -> AnnouncedStaticRendezvous:
         int(inner.timeout.total_seconds()), nproc=int(nproc) if nproc else None)
 
 
+class AnnouncedRendezvous(RendezvousHandler):
+    """Another backend's handler (c10d) whose waits are announced from a watcher thread:
+    its state lives in the backend's store, so only the wait itself can be reported."""
+
+    def __init__(self, inner: RendezvousHandler, params: RendezvousParameters,
+                 nproc: int | None) -> None:
+        self.inner = inner
+        self.endpoint = params.endpoint
+        nodes = (str(params.min_nodes) if params.min_nodes == params.max_nodes
+                 else f"{params.min_nodes} to {params.max_nodes}")
+        more = "" if params.min_nodes == params.max_nodes else "+"
+        workers = f" ({params.min_nodes * nproc}{more} workers)" if nproc else ""
+        self.waits_for = f"{nodes} nodes{workers}"
+        self.join_timeout = params.get_as_int("join_timeout", 600) or 600
+
+    def get_backend(self) -> str:
+        return C10D_BACKEND
+
+    @property
+    def use_agent_store(self) -> bool:
+        return self.inner.use_agent_store
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        done = threading.Event()
+
+        def say(elapsed: float) -> None:
+            _say(f"localsgd: waiting at the rendezvous {self.endpoint} for {self.waits_for} "
+                 f"({elapsed:.0f} s of {self.join_timeout} s); every node runs `localsgd run` "
+                 f"with --rdzv-endpoint={self.endpoint} and must reach it")
+
+        def watch() -> None:
+            clock = Announcer(say)
+            while not done.wait(_POLL_S):
+                clock.tick()
+
+        watcher = threading.Thread(target=watch, name="localsgd-rendezvous", daemon=True)
+        watcher.start()
+        try:
+            return self.inner.next_rendezvous()
+        except RendezvousTimeoutError as exc:
+            raise RendezvousTimeoutError(
+                f"the rendezvous at {self.endpoint} did not gather {self.waits_for} within "
+                f"{self.join_timeout} s (join_timeout): start the missing nodes with the same "
+                "--rdzv-endpoint/--rdzv-id, check that they reach it, or raise "
+                "dist.timeout_s") from exc
+        finally:
+            done.set()
+            watcher.join()
+
+    def is_closed(self) -> bool:
+        return self.inner.is_closed()
+
+    def set_closed(self) -> None:
+        self.inner.set_closed()
+
+    def num_nodes_waiting(self) -> int:
+        return self.inner.num_nodes_waiting()
+
+    def get_run_id(self) -> str:
+        return self.inner.get_run_id()
+
+    def shutdown(self) -> bool:
+        return self.inner.shutdown()
+
+
+def _create_c10d(params: RendezvousParameters) -> AnnouncedRendezvous:
+    nproc = params.config.pop("localsgd_nproc", None)
+    plain = RendezvousParameters("c10d", params.endpoint, params.run_id, params.min_nodes,
+                                 params.max_nodes, params.local_addr, **params.config)
+    inner = rendezvous_handler_registry.create_handler(plain)
+    return AnnouncedRendezvous(inner, plain, int(nproc) if nproc else None)
+
+
 def register() -> None:
-    """Make ``BACKEND`` known to torchrun's launcher (once per process)."""
-    rendezvous_handler_registry.register(BACKEND, _create)  # the same creator again: no-op
+    """Make ``BACKEND`` and ``C10D_BACKEND`` known to torchrun's launcher."""
+    # Registering the same creator again is a no-op.
+    rendezvous_handler_registry.register(BACKEND, _create)
+    rendezvous_handler_registry.register(C10D_BACKEND, _create_c10d)
 
 
 class JoinError(RuntimeError):

@@ -7,7 +7,8 @@ means to torchrun. The recipe is loaded and checked once here: a bad one exits 2
 one-line error before any worker starts. The workers are then started in this process by
 torchrun's launcher API, each running ``python -m localsgd train RECIPE [key=value ...]``,
 the same entry ``torchrun torchrun_entry.py`` uses. A failed job ends with one line per
-failed rank instead of torchrun's traceback and summary.
+failed rank instead of torchrun's traceback and summary. A multi-node rendezvous (static or
+c10d) says what it waits for while it waits (``rendezvous``).
 """
 
 from __future__ import annotations
@@ -53,21 +54,23 @@ def launch_problems(recipe: str, overrides: list[str], nnodes: str, nproc: str) 
 
 
 def _launch(args: Any, timeout_s: float) -> None:
-    """torchrun's ``run(args)``; a static multi-node rendezvous says what it waits for.
+    """torchrun's ``run(args)``; a multi-node rendezvous says what it waits for.
 
-    The static rendezvous (``--nnodes=N --master-addr/--master-port``) waits for the other
-    nodes before any worker exists; its wait is bounded by the recipe's ``dist.timeout_s``
-    unless ``--rdzv-conf timeout=S`` (or ``join_timeout=S``) says otherwise.
+    The rendezvous (static: ``--nnodes=N --master-addr/--master-port``, or
+    ``--rdzv-backend=c10d``) waits for the other nodes before any worker exists; its wait
+    is bounded by the recipe's ``dist.timeout_s`` unless ``--rdzv-conf`` gives ``timeout``
+    (static) or ``join_timeout`` (either).
     """
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, run
 
-    from localsgd.launch.rendezvous import BACKEND, register
+    from localsgd.launch.rendezvous import BACKEND, C10D_BACKEND, register
 
-    many = args.nnodes.partition(":")[2] or args.nnodes
+    many = int(args.nnodes.partition(":")[2] or args.nnodes)
     static = args.rdzv_backend == "static" and not args.standalone and (
-        args.rdzv_endpoint or args.master_port is not None or int(many) > 1)
-    if not static:
+        args.rdzv_endpoint or args.master_port is not None or many > 1)
+    c10d = args.rdzv_backend == "c10d" and not args.standalone and many > 1
+    if not (static or c10d):
         run(args)
         return
     if args.master_port is None:
@@ -75,11 +78,14 @@ def _launch(args: Any, timeout_s: float) -> None:
     config, cmd, cmd_args = config_from_args(args)
     conf = config.rdzv_configs
     given = {kv.partition("=")[0].strip() for kv in (args.rdzv_conf or "").split(",")}
-    if "timeout" not in given:  # torchrun's own default (900 s) replaced by the recipe's
-        conf["timeout"] = int(conf.pop("join_timeout", math.ceil(timeout_s)))
+    wait = math.ceil(timeout_s)
+    if static and "timeout" not in given:  # torchrun's default (900 s) gives way to the recipe's
+        conf["timeout"] = int(conf.pop("join_timeout", wait))
+    if c10d and "join_timeout" not in given:
+        conf["join_timeout"] = wait
     conf["localsgd_nproc"] = config.nproc_per_node
     register()
-    config.rdzv_backend = BACKEND
+    config.rdzv_backend = BACKEND if static else C10D_BACKEND
     elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
 
 
