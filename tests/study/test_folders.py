@@ -60,6 +60,11 @@ def test_every_clash_is_named_once(tmp_path: Path) -> None:
     assert [p.split(" would")[0] for p in problems] == [
         "points 1/6 (a b) and 2/6 (a_b)",
         "points 1/6 (a b) and 3/6 (A_B)", "points 4/6 (c d) and 5/6 (c_d)"]
+    # Reported with the points' other problems, all at once.
+    problems = check_study(load_study(write(
+        tmp_path, "variants:\n  'a b': []\n  a_b: [sync.perod=2]\n")))
+    assert [p.split(":")[0].split(" would")[0] for p in problems] == [
+        "points 1/2 (a b) and 2/2 (a_b)", "point 2/2 (a_b)"], problems
 
 
 def test_the_failed_line_carries_every_problem(capsys: pytest.CaptureFixture[str],

@@ -39,22 +39,21 @@ def expected_point(study: Study, point: Point) -> dict[str, Any]:
 def check_study(study: Study) -> list[str]:
     """Every problem of every point, each once, naming the first point that has it."""
     folders = folder_problems(study.points)
-    if folders:
-        return folders
     try:
         args = torchrun_args([*study.launch, str(study.recipe)])
     except ValueError as exc:
-        return [f"launch: {exc} (torchrun options, e.g. [--standalone, --nproc-per-node=2])"]
+        return [*folders, f"launch: {exc} (torchrun options, e.g. [--standalone, "
+                          "--nproc-per-node=2])"]
     if args.training_script_args:
-        return [f"launch: {args.training_script_args} follow the recipe; give torchrun "
-                "options only (overrides go under overrides:)"]
+        return [*folders, f"launch: {args.training_script_args} follow the recipe; give "
+                          "torchrun options only (overrides go under overrides:)"]
     seen: dict[str, list[Point]] = {}
     for point in study.points:
         for problem in launch_problems(str(study.recipe), point_overrides(study, point),
                                        args.nnodes, str(args.nproc_per_node)):
             seen.setdefault(problem, []).append(point)
     n = len(study.points)
-    out = []
+    out = folders
     for problem, points in seen.items():
         more = f" and {len(points) - 1} more" if len(points) > 1 else ""
         out.append(f"point {points[0].index}/{n} ({points[0].label}){more}: {problem}")
