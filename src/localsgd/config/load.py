@@ -112,9 +112,10 @@ def merge_recipe(schema_cls: type, path: str | Path | None,
     still run and the user sees every problem in one go.
     """
     errors: list[str] = []
+    # The file first: a file refused by its limits costs no schema building.
+    data = _read_yaml(Path(path)) if path is not None else {}
     schema = OmegaConf.structured(schema_cls)
     known = _known_keys(schema)
-    data = _read_yaml(Path(path)) if path is not None else {}
     for key, value in _leaves(data):
         _merge_leaf(schema, key, value, known, errors)
     for text in overrides or []:
