@@ -39,7 +39,7 @@ def test_node_0_announces_the_wait_and_names_the_missing_nodes(
     took = time.monotonic() - start
     lines = capsys.readouterr().err.splitlines()
     assert 3 <= took < 5
-    assert len(lines) == 3, lines  # at 0.5 s, 1.5 s and 2.5 s
+    assert 2 <= len(lines) <= 3, lines  # at 0.5 s, 1.5 s and 2.5 s (late on a loaded machine)
     assert all(line.startswith(
         f"localsgd: waiting at the rendezvous 127.0.0.1:{port} for 2 of 3 nodes (4 of 6 "
         "workers), node ranks 1, 2 missing (") for line in lines), lines
@@ -54,8 +54,8 @@ def test_another_node_says_node_0_does_not_answer(capsys: pytest.CaptureFixture[
             f"node rank 1 could not reach the rendezvous at 127.0.0.1:{port} within 3 s")):
         dial("127.0.0.1", port, 1, 2, timedelta(seconds=3), "t")
     err = capsys.readouterr().err
-    assert err.startswith(f"localsgd: node rank 1 waiting for node 0's rendezvous at "
-                          f"127.0.0.1:{port} (2 s of 3 s): it does not answer yet")
+    assert re.match(f"localsgd: node rank 1 waiting for node 0's rendezvous at 127.0.0.1:{port} "
+                    r"\([23] s of 3 s\): it does not answer yet", err), err
     assert "Traceback" not in err and "socket.cpp" not in err
 
 
@@ -103,8 +103,8 @@ def test_the_c10d_rendezvous_is_announced_too(capsys: pytest.CaptureFixture[str]
                  *synthetic_args(tmp_path / "r")])
     err = capsys.readouterr().err.splitlines()
     assert code == 1
-    assert err[0].startswith(f"localsgd: waiting at the rendezvous 127.0.0.1:{port} for 2 "
-                             "nodes (4 workers) (2 s of 3 s)"), err
+    assert re.match(f"localsgd: waiting at the rendezvous 127.0.0.1:{port} for 2 nodes "
+                    r"\(4 workers\) \([23] s of 3 s\)", err[0]), err
     assert err[-1].startswith(f"localsgd: error: the rendezvous at 127.0.0.1:{port} did not "
                               "gather 2 nodes (4 workers) within 3 s (join_timeout)"), err
 
@@ -167,8 +167,8 @@ def test_rank_0_names_the_workers_that_never_joined(
     code = main(["train", *synthetic_args(tmp_path / "r", "dist.timeout_s=3")])
     err = capsys.readouterr().err.splitlines()
     assert code == 1
-    assert err[0].startswith(f"localsgd: waiting at 127.0.0.1:{port} for 2 of 4 workers, ranks "
-                             "2, 3 (node ranks 1) missing (1 s of 3 s)"), err
+    assert re.match(f"localsgd: waiting at 127.0.0.1:{port} for 2 of 4 workers, ranks 2, 3 "
+                    r"\(node ranks 1\) missing \([12] s of 3 s\)", err[0]), err
     assert len([line for line in err if line.startswith("localsgd: waiting")]) >= 2
     assert err[-1] == (
         f"localsgd: error (rank 0): 2 of 4 workers never joined the rendezvous at "
@@ -184,8 +184,8 @@ def test_a_worker_that_cannot_reach_the_store_says_so(
     code = main(["train", *synthetic_args(tmp_path / "r", "dist.timeout_s=3")])
     err = capsys.readouterr().err.splitlines()
     assert code == 1
-    assert err[0].startswith(f"localsgd: rank 2 waiting for the job's store at "
-                             f"127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT from node 0's "
-                             "launcher) (2 s of 3 s): it does not answer"), err
+    assert re.match(f"localsgd: rank 2 waiting for the job's store at 127.0.0.1:{port} "
+                    r"\(MASTER_ADDR:MASTER_PORT from node 0's launcher\) \([23] s of 3 s\): "
+                    "it does not answer", err[0]), err
     assert err[-1].startswith(f"localsgd: error (rank 2): rank 2 could not reach the job's "
                               f"store at 127.0.0.1:{port} within 3 s")
