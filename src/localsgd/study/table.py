@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from localsgd.study.folders import mismatch
+from localsgd.study.folders import POINT_FILE, mismatch
 from localsgd.study.spec import Study
 
 COLUMNS = ("variant", "runs", "failed", "final_acc_mean", "final_acc_std", "best_acc_mean",
@@ -31,7 +31,7 @@ def foreign_runs(records: list[dict[str, Any]]) -> dict[int, str]:
             continue
         why = mismatch(Path(r["run_dir"]), {
             "label": r["label"], "recipe": r.get("recipe"), "overrides": r.get("run_overrides")})
-        if why is None and not (Path(r["run_dir"]) / "point.json").is_file():
+        if why is None and not (Path(r["run_dir"]) / POINT_FILE).is_file():
             why = f"run folder {r['run_dir']} does not record which point it holds"
         if why is not None:
             out[r["point"]] = why
