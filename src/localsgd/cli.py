@@ -71,6 +71,7 @@ def train_main(argv: list[str], observers: list[Any] | None = None) -> int:
         return _fail(str(exc), 2)
     from localsgd.data import DataError
     from localsgd.launch.env import init_distributed, shutdown
+    from localsgd.launch.rendezvous import JoinError
     from localsgd.recipe import validate_launch
     from localsgd.train.trainer import Trainer, TrainingError
 
@@ -90,6 +91,12 @@ def train_main(argv: list[str], observers: list[Any] | None = None) -> int:
         return _fail(str(exc), 2)
     except TrainingError as exc:
         return _fail(str(exc), 1)
+    except JoinError as exc:
+        # Rank 0 names the workers that never came; a worker that could not reach the
+        # store says so itself.
+        print(f"localsgd: error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr,
+              flush=True)
+        return 1
     except RuntimeError as exc:
         peer = _peer_failure(str(exc), cfg.dist.timeout_s)
         if peer is None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from localsgd.config.errors import ConfigError
+from localsgd.config.files import read_mapping
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -43,6 +44,14 @@ def _known_keys(schema: DictConfig, prefix: str = "") -> list[str]:
 
 def _explain(key: str, value: Any, exc: Exception, known: list[str]) -> str:
     parent, _, leaf = key.rpartition(".")
+    if key not in known:
+        # The longest part of the key the schema knows: a value cannot hold keys below it.
+        parts = key.split(".")
+        for n in range(len(parts) - 1, 0, -1):
+            above = ".".join(parts[:n])
+            if above in known and not any(k.startswith(above + ".") for k in known):
+                return (f"{key}: unknown key; '{above}' is a value, not a section (set it "
+                        f"with {above}=...)")
     if key not in known and (not parent or parent in known):
         scope = [k for k in known if k.rpartition(".")[0] == parent]
         close = difflib.get_close_matches(key, scope, n=1, cutoff=0.6)
@@ -58,7 +67,8 @@ def _explain(key: str, value: Any, exc: Exception, known: list[str]) -> str:
 def _merge_leaf(cfg: DictConfig, key: str, value: Any, known: list[str], errors: list[str]) -> None:
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, ValueError) as exc:
+        # ValueError: OmegaConf reads the part after a list field as an index (``a.list.x``).
         errors.append(_explain(key, value, exc, known))
 
 
@@ -71,29 +81,6 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # keys merged in (<<: *anchor) may be overridden on purpose
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-            try:
-                again = key in seen
-                seen.add(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"a key must be a plain value, not {type(key).__name__} "
-                    f"{key!r}", key_node.start_mark) from None
-            if again:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice in one mapping; keep one",
-                    key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -102,27 +89,6 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def read_mapping(p: Path, what: str = "recipe", hint: str = "") -> dict[str, Any]:
-    """A YAML file holding a mapping, or one ConfigError naming the file and the fix."""
-    example = "recipes/quickstart.yaml" if what == "recipe" else "recipes/studies/*.yaml"
-    if not p.is_file():
-        raise ConfigError([f"{what} file '{p}'{hint} does not exist; pass the path of a YAML "
-                           f"file such as {example}"])
-    try:
-        loaded = yaml.load(p.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{what} file '{p}' is not UTF-8 text (byte {exc.start} cannot be "
-                           f"decoded); pass a YAML {what} such as {example}"]) from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"{what} file '{p}' is not valid YAML{at}: {problem}"]) from None
-    if not isinstance(loaded, dict):
-        raise ConfigError([f"{what} file '{p}' must hold a mapping of keys to values"])
-    return loaded
 
 
 def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -146,9 +112,10 @@ def merge_recipe(schema_cls: type, path: str | Path | None,
     still run and the user sees every problem in one go.
     """
     errors: list[str] = []
+    # The file first: a file refused by its limits costs no schema building.
+    data = _read_yaml(Path(path)) if path is not None else {}
     schema = OmegaConf.structured(schema_cls)
     known = _known_keys(schema)
-    data = _read_yaml(Path(path)) if path is not None else {}
     for key, value in _leaves(data):
         _merge_leaf(schema, key, value, known, errors)
     for text in overrides or []:

@@ -12,6 +12,7 @@ from torch.distributed.rendezvous import rendezvous
 
 from localsgd.config.errors import ConfigError
 from localsgd.config.schema import Backend, Device, DistConfig
+from localsgd.launch.rendezvous import await_workers, reach
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,19 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     timeout = timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "0"))
+            # Under torchrun node 0's launcher hosts the store: a worker that cannot reach
+            # it, or a rank 0 whose peers never arrive, says so instead of waiting mutely.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            if agent_store:
+                reach(addr, port, rank, local_rank, timeout)
             store, _, _ = next(rendezvous("env://", rank, world, timeout=timeout))
             # After an elastic restart the store can still hold the previous attempt's
             # addresses; workers would then dial dead peers. Keys are kept per attempt.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             store = dist.PrefixStore(f"localsgd/attempt_{attempt}", store)
+            if agent_store:
+                await_workers(store, rank, world, local_world, f"{addr}:{port}", timeout)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                     timeout=timeout,
                                     device_id=device if backend == "nccl" else None)

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from localsgd.study.folders import POINT_FILE, mismatch
 from localsgd.study.spec import Study
 
 COLUMNS = ("variant", "runs", "failed", "final_acc_mean", "final_acc_std", "best_acc_mean",
@@ -22,8 +23,26 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def variant_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant, in the order the variants first appear."""
+def foreign_runs(records: list[dict[str, Any]]) -> dict[int, str]:
+    """{point: why} for complete points whose folder does not hold their own run."""
+    out: dict[int, str] = {}
+    for r in records:
+        if r["status"] != "complete":
+            continue
+        why = mismatch(Path(r["run_dir"]), {
+            "label": r["label"], "recipe": r.get("recipe"), "overrides": r.get("run_overrides")})
+        if why is None and not (Path(r["run_dir"]) / POINT_FILE).is_file():
+            why = f"run folder {r['run_dir']} does not record which point it holds"
+        if why is not None:
+            out[r["point"]] = why
+    return out
+
+
+def variant_rows(records: list[dict[str, Any]],
+                 foreign: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """One row per variant, in the order the variants first appear; the points in
+    ``foreign`` (see ``foreign_runs``) count as failed."""
+    foreign = foreign or {}
     order: list[str] = []
     runs: dict[str, list[dict[str, Any]]] = {}
     failed: dict[str, int] = {}
@@ -31,7 +50,7 @@ def variant_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         v = r["variant"]
         if v not in order:
             order.append(v)
-        if r["status"] != "complete":
+        if r["status"] != "complete" or r["point"] in foreign:
             failed[v] = failed.get(v, 0) + 1
             continue
         runs.setdefault(v, []).append(
@@ -82,28 +101,30 @@ def _frontier(rows: list[dict[str, Any]], x: str, xerr: str | None, xlabel: str,
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in rows:
-        if r["final_acc_mean"] is None or r[x] is None:
-            continue
+    plotted = [r for r in rows if r["final_acc_mean"] is not None and r[x] is not None]
+    for r in plotted:
         ax.errorbar(r[x], r["final_acc_mean"], yerr=r["final_acc_std"],
                     xerr=r[xerr] if xerr else None, fmt="o", capsize=3, label=r["variant"])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final test accuracy (mean +- std over seeds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if plotted:  # every point failed: an empty plot, without legend
+        ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
 
 
 def write_results(study: Study, records: list[dict[str, Any]]) -> list[Path]:
     """study.csv, study.md and (with matplotlib) the two frontier plots; returns the paths."""
-    rows = variant_rows(records)
+    foreign = foreign_runs(records)
+    rows = variant_rows(records, foreign)
     out = study.dir
     with (out / "study.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    (out / "study.md").write_text(f"# Study {study.name}\n\n{markdown(rows)}")
+    notes = "".join(f"\n- point {k} not counted: {why}\n" for k, why in foreign.items())
+    (out / "study.md").write_text(f"# Study {study.name}\n\n{markdown(rows)}{notes}")
     written = [out / "study.csv", out / "study.md"]
     try:
         import matplotlib  # noqa: F401
