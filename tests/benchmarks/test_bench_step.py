@@ -31,7 +31,7 @@ def test_quick_mode_measures_every_setup_and_averages_exactly(tmp_path: Path) ->
         ours, hand = c["ms_per_step"]["localsgd"], c["ms_per_step"]["hand"]
         for part in ("engine", "model forward", "backward", "optimizer step",
                      "sync controller", "trainer loop"):
-            assert ours[part] >= 0, (c["setup"], part, ours)
+            assert ours[part] >= -1e-9, (c["setup"], part, ours)  # a float-rounding zero
         assert ours["model forward"] > 0 and hand["model forward"] > 0
         parts = sum(v for k, v in ours.items() if k != "total")
         assert math.isclose(parts, ours["total"], rel_tol=1e-9)
