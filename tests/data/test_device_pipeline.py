@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import synthetic_args, torchrun
 from helpers import final_model
+from torchvision import transforms as T
 
 from localsgd.config import ConfigError
 from localsgd.config.schema import DataConfig, DatasetName
 from localsgd.data import CIFAR_STATS, build_datasets, build_train_loader, mix_seed
+from localsgd.data import device as device_module
 from localsgd.data.device import build_device_loader, crop_flip_draws
+from localsgd.data.loaders import mix_seeds
 from localsgd.recipe import load_config
 
 
@@ -29,10 +33,12 @@ def loaders(root: Path, rank: int, world: int, augment: bool = True) -> tuple:
 
 
 @pytest.mark.parametrize("augment", [True, False])
-def test_both_pipelines_give_the_same_batches_bit_for_bit(cifar_root: Path,
-                                                          augment: bool) -> None:
+def test_both_pipelines_give_the_same_batches_bit_for_bit(cifar_root: Path, augment: bool,
+                                                          monkeypatch) -> None:
     """Same partition, same reshuffle, same crops and flips, same normalisation; also after
-    a mid-epoch resume."""
+    a mid-epoch resume, and across the chunks the device loader prepares its draws in (2
+    batches here, so 9 batches make 5 chunks, the last one short)."""
+    monkeypatch.setattr(device_module, "CHUNK_BATCHES", 2)
     for rank in range(2):
         (tv, tv_sampler), (dev, dev_sampler) = loaders(cifar_root, rank, 2, augment)
         assert len(tv) == len(dev) == 300 // 2 // 16
@@ -45,6 +51,50 @@ def test_both_pipelines_give_the_same_batches_bit_for_bit(cifar_root: Path,
             for (x1, y1), (x2, y2) in got:
                 assert torch.equal(y1, y2)
                 assert torch.equal(x1, x2) and x1.stride() == x2.stride()
+
+
+def per_sample_draws(seeds: list[int]) -> torch.Tensor:
+    """The draws with one seeded torch.Generator per sample, as torchvision makes them."""
+    out = torch.empty(len(seeds), 3, dtype=torch.long)
+    gen = torch.Generator()
+    for k, seed in enumerate(seeds):
+        gen.manual_seed(seed)
+        out[k, 0] = torch.randint(0, 9, (1,), generator=gen)
+        out[k, 1] = torch.randint(0, 9, (1,), generator=gen)
+        out[k, 2] = int(torch.rand(1, generator=gen) < 0.5)
+    return out
+
+
+def test_vectorised_draws_equal_one_generator_per_sample() -> None:
+    """Random 63-bit seeds and the edges of the 32 bits the generator keeps."""
+    rng = np.random.default_rng(7)
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1,
+             *rng.integers(0, 2**63 - 1, 3000, dtype=np.int64).tolist()]
+    assert torch.equal(crop_flip_draws(seeds), per_sample_draws(seeds))
+    assert crop_flip_draws([]).shape == (0, 3)
+
+
+def test_draws_are_torchvisions_crops_and_flips() -> None:
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip of an image whose pixels encode
+    their position, under each sample's seed, cut where the draws say."""
+    rows, cols = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    image = torch.stack([rows, cols, torch.zeros_like(rows)]).float() + 1  # 0 is padding
+    tv = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()])
+    seeds = [mix_seed(11, 2, i) for i in range(200)]
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    with torch.random.fork_rng(devices=[]):
+        for seed, (top, left, flip) in zip(seeds, crop_flip_draws(seeds).tolist(),
+                                           strict=True):
+            torch.manual_seed(seed)
+            want = padded[:, top:top + 32, left:left + 32]
+            assert torch.equal(tv(image), want.flip(-1) if flip else want)
+
+
+def test_vectorised_seeds_equal_mix_seed() -> None:
+    indices = np.array([0, 1, 2, 49_999, 2**31, 2**40 + 3], dtype=np.int64)
+    for seed, epoch in ((0, 0), (5, 3), (2**62, 299)):
+        assert mix_seeds(seed, epoch, indices).tolist() == [
+            mix_seed(seed, epoch, int(i)) for i in indices]
 
 
 def test_crop_and_flip_draws_are_uniform() -> None:

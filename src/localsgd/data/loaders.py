@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
@@ -44,6 +45,31 @@ def mix_seed(*parts: int) -> int:
         state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
         state ^= state >> 31
     return state >> 1
+
+
+def _splitmix_round(state: Any, part: Any, mask: Any, *consts: Any) -> Any:
+    """One part of ``mix_seed`` on Python ints or on numpy uint64 arrays alike."""
+    golden, mul1, mul2, s30, s27, s31 = consts
+    state = (state ^ part) & mask
+    state = (state + golden) & mask
+    state = ((state ^ (state >> s30)) * mul1) & mask
+    state = ((state ^ (state >> s27)) * mul2) & mask
+    return state ^ (state >> s31)
+
+
+def mix_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """``mix_seed(seed, epoch, i)`` for every ``i`` of ``indices``, in a few array ops
+    (the per-sample seeds of a whole chunk of batches at once); int64 array."""
+    state = 0x9E3779B97F4A7C15
+    ints = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 30, 27, 31)
+    for part in (seed, epoch):
+        state = _splitmix_round(state, part & _MASK64, _MASK64, *ints)
+    u64 = [np.uint64(c) for c in ints]
+    # uint64 arithmetic wraps modulo 2**64, which is the mask of the integer version.
+    with np.errstate(over="ignore"):
+        out = _splitmix_round(np.uint64(state), np.asarray(indices).astype(np.uint64),
+                              np.uint64(_MASK64), *u64)
+    return (out >> np.uint64(1)).astype(np.int64)
 
 
 def steps_per_epoch(dataset_len: int, batch_size: int, world_size: int) -> int:
