@@ -89,9 +89,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     flagged = {key for key, _ in outside}
     ruled = with_defaults(cfg, flagged) if flagged else cfg
     problems, notes = check_parts(ruled, facts(ruled))
+    # Nor does a key whose value failed to merge (it holds its default now).
+    named = flagged | {e.split(":")[0] for e in errors}
     errors += [message for _, message in outside]
     errors += [p for p in general_rules(ruled) + problems
-               if p.split(":")[0].split("[")[0] not in flagged]
+               if p.split(":")[0].split("[")[0] not in named]
     if errors:
         raise ConfigError(errors)
     for note in notes:

@@ -202,7 +202,9 @@ class Section:
         if len(chosen) < len(found):
             # Whatever the misspelled part was meant to be: report the problems that any
             # part of its kind finds in keys the recipe sets, then stop.
-            given = {f"{self.prefix}.{n}" for n, d in defaults.items() if getattr(cfg, n) != d}
+            # The misspelled key itself is reported once, as unknown.
+            given = {f"{self.prefix}.{n}" for n, d in defaults.items() if getattr(cfg, n) != d
+                     and n not in self.selectors}
             for k, part in found.items():
                 if part is None:
                     for candidate in self.selectors[k].parts():

@@ -135,5 +135,6 @@ def key_table(cls: type) -> str:
     """The schema's keys as a Markdown table: key, type, default, accepted values."""
     rows = ["| key | type | default | values |", "| --- | --- | --- | --- |"]
     for d in keys(cls):
-        rows.append(f"| `{d.key}` | {d.type} | `{d.default!r}` | {d.domain} |")
+        cells = [f"`{d.key}`", d.type, f"`{d.default!r}`", d.domain]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
