@@ -58,12 +58,14 @@ def _explain(key: str, value: Any, exc: Exception, known: list[str]) -> str:
 def _merge_leaf(cfg: DictConfig, key: str, value: Any, known: list[str], errors: list[str]) -> None:
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
-    except (OmegaConfBaseException, ArithmeticError) as exc:  # an int too large for a float
+    except Exception as exc:  # any key and value the user typed: OmegaConf
+        # also raises OverflowError (an int too large for a float) and ValueError
+        # (``optim.betas.x``: a list index that is no integer)
         errors.append(_explain(key, value, exc, known))
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text or text.startswith("="):
+    if "=" not in text or not text.partition("=")[0].strip():
         raise ValueError(f"override '{text}' is not of the form dotted.key=value")
     key, _, raw = text.partition("=")
     # YAML parsing gives overrides the same typing rules as the recipe file (1e-4, true, [1,2]).
