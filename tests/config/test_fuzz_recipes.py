@@ -33,7 +33,7 @@ from localsgd.recipe import RecipeConfig
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "studies" not in p.parts)
 SCHEMA_KEYS = [d.key for d in keys(RecipeConfig)]
 SECTIONS = sorted({k.rsplit(".", 1)[0] for k in SCHEMA_KEYS if "." in k})
-EXAMPLES = int(os.environ.get("LOCALSGD_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("LOCALSGD_FUZZ_EXAMPLES", "400"))
 SECONDS = 20
 """Time bound of one example (a load takes well under a second)."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.config.errors import ConfigError
+from localsgd.launch.options import option_problems
 from localsgd.launch.run import launch_problems, torchrun_args
 from localsgd.study.spec import Point, Study, load_study
 
@@ -36,6 +37,9 @@ def check_study(study: Study) -> list[str]:
     if args.training_script_args:
         return [f"launch: {args.training_script_args} follow the recipe; give torchrun "
                 "options only (overrides go under overrides:)"]
+    bad = option_problems(args)
+    if bad:
+        return [f"launch: {problem}" for problem in bad]
     seen: dict[str, list[Point]] = {}
     for point in study.points:
         for problem in launch_problems(str(study.recipe), point_overrides(study, point),
