@@ -113,8 +113,15 @@ def train_main(argv: list[str], observers: list[Any] | None = None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from localsgd.recipe import to_yaml
+    from localsgd.recipe import RecipeConfig, to_yaml
 
+    if args.keys:
+        from localsgd.config.domain_check import key_table
+
+        print(key_table(RecipeConfig))
+        return 0
+    if args.recipe is None:
+        return _fail("check needs a RECIPE.yaml (or --keys to list every key)", 2)
     try:
         cfg = _load(args.recipe, args.overrides)
     except ConfigError as exc:
@@ -141,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p = sub.add_parser("check", help="validate a recipe and print the resolved config")
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--keys", action="store_true",
+                   help="list every recipe key with its type, default and accepted values")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p = sub.add_parser("plot", help="plot runs side by side into PNG files")
     p.add_argument("run_dirs", nargs="+")

@@ -3,8 +3,9 @@ their registered parts; loading, checking and the launch-time checks.
 
 Every recipe YAML is merged onto ``RecipeConfig()``; each component later receives only its
 own section (``cfg.model``, ``cfg.sync``, ...). Problems are collected from the schema merge,
-the general rules and each chosen part's own check, and raised together as one
-``ConfigError``. Keys that no chosen part reads are reported once as ``ConfigWarning``.
+every field's domain (``localsgd.config.domains``, declared next to the field), the rules
+between keys and each chosen part's own check, and raised together as one ``ConfigError``.
+Keys that no chosen part reads are reported once as ``ConfigWarning``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localsgd.config.domain_check import domain_problems, with_defaults
+from localsgd.config.domains import NAME, Range, domain
 from localsgd.config.errors import ConfigError, ConfigWarning
-from localsgd.config.load import merge_recipe, non_finite, to_yaml
+from localsgd.config.load import merge_recipe, to_yaml
 from localsgd.config.schema import (
     DataConfig,
     DistConfig,
@@ -34,10 +37,10 @@ from localsgd.sync.parts import SCHEDULES
 
 @dataclass
 class RecipeConfig:
-    name: str = "run"
+    name: str = domain(NAME, "run")
     """Recipe name: default run directory and W&B group."""
-    seed: int = 0
-    """Seed for model init, data partition and augmentation."""
+    seed: int = domain(Range(0, 2**63 - 1), 0)
+    """Seed for model init, data partition and augmentation (torch takes 64-bit seeds)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -80,12 +83,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """
     cfg, errors = merge_recipe(RecipeConfig, path, overrides)
     assert isinstance(cfg, RecipeConfig)
-    infinite = non_finite(cfg)
-    problems, notes = check_parts(cfg, facts(cfg))
-    # A key that is inf or nan gets that one message, not a range message besides.
-    flagged = {p.split(":")[0] for p in infinite}
-    errors += [p for p in general_rules(cfg) + problems if p.split(":")[0] not in flagged]
-    errors += infinite
+    outside = domain_problems(cfg)
+    # A key outside its domain gets that one message. The rules between keys see its
+    # default instead, as for a leaf that failed to merge, so none of them trips on it.
+    flagged = {key for key, _ in outside}
+    ruled = with_defaults(cfg, flagged) if flagged else cfg
+    problems, notes = check_parts(ruled, facts(ruled))
+    # Nor does a key whose value failed to merge (it holds its default now).
+    named = flagged | {e.split(":")[0] for e in errors}
+    errors += [message for _, message in outside]
+    errors += [p for p in general_rules(ruled) + problems
+               if p.split(":")[0].split("[")[0] not in named]
     if errors:
         raise ConfigError(errors)
     for note in notes:

@@ -160,22 +160,25 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 def compose(name: str, common: type, registries: Iterable[Registry[Any]]) -> type:
     """A dataclass with ``common``'s fields and every registered part's ``Config`` fields.
 
-    Parts may share a key (the schedules all read ``period``) when they declare it alike.
+    Parts may share a key (the schedules all read ``period``) when they declare it alike
+    (type, default and domain).
     """
-    taken = {n: (t, _default(f)) for n, t, f in _keys(common)}
+    taken = {n: (t, _default(f), dict(f.metadata)) for n, t, f in _keys(common)}
     extra: list[tuple[str, Any, Any]] = []
     for registry in registries:
         for part in registry.parts():
             for key, hint, f in _keys(part.Config):
                 if key in taken:
-                    if taken[key] != (hint, _default(f)):
+                    if taken[key] != (hint, _default(f), dict(f.metadata)):
                         raise TypeError(f"{registry.key}={part.name} declares '{key}' as "
-                                        f"{hint} = {_default(f)!r}, unlike another part")
+                                        f"{hint} = {_default(f)!r} {dict(f.metadata)}, unlike "
+                                        "another part")
                     continue
-                taken[key] = (hint, _default(f))
+                taken[key] = (hint, _default(f), dict(f.metadata))
                 kw = ({"default": f.default} if f.default is not MISSING
                       else {"default_factory": f.default_factory})
-                extra.append((key, hint, field(**kw)))
+                # The metadata carries the key's domain (localsgd.config.domains).
+                extra.append((key, hint, field(**kw, metadata=f.metadata)))
     cls = dataclasses.make_dataclass(name, extra, bases=(common,))
     cls.__module__ = common.__module__
     return cls
@@ -212,7 +215,9 @@ class Section:
         if len(chosen) < len(found):
             # Whatever the misspelled part was meant to be: report the problems that any
             # part of its kind finds in keys the recipe sets, then stop.
-            given = {f"{self.prefix}.{n}" for n, d in defaults.items() if getattr(cfg, n) != d}
+            # The misspelled key itself is reported once, as unknown.
+            given = {f"{self.prefix}.{n}" for n, d in defaults.items() if getattr(cfg, n) != d
+                     and n not in self.selectors}
             for k, part in found.items():
                 if part is None:
                     for candidate in self.selectors[k].parts():

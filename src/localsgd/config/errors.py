@@ -11,9 +11,15 @@ class ConfigError(Exception):
         super().__init__(self.format())
 
     def format(self) -> str:
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        lines = "\n".join(f"  - {one_line(p)}" for p in self.problems)
         noun = "problem" if len(self.problems) == 1 else "problems"
         return f"Recipe is not valid ({len(self.problems)} {noun}):\n{lines}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: a key or value typed with a newline (or
+    any line break) in it still makes one line per problem."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigWarning(UserWarning):

@@ -7,9 +7,9 @@ This module knows no particular schema: ``localsgd.recipe`` hands it the assembl
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
-import math
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +67,23 @@ def _explain(key: str, value: Any, exc: Exception, known: list[str]) -> str:
 def _merge_leaf(cfg: DictConfig, key: str, value: Any, known: list[str], errors: list[str]) -> None:
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
-    except (OmegaConfBaseException, ValueError) as exc:
-        # ValueError: OmegaConf reads the part after a list field as an index (``a.list.x``).
+    except Exception as exc:  # any key and value the user typed: OmegaConf
+        # also raises OverflowError (an int too large for a float) and ValueError
+        # (``optim.betas.x``: a list index that is no integer)
         errors.append(_explain(key, value, exc, known))
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text or text.startswith("="):
+    if "=" not in text or not text.partition("=")[0].strip():
         raise ValueError(f"override '{text}' is not of the form dotted.key=value")
     key, _, raw = text.partition("=")
     # YAML parsing gives overrides the same typing rules as the recipe file (1e-4, true, [1,2]).
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer of > 4300 digits
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{key.strip()}: the value {raw[:40]!r} is not valid YAML ({problem}); "
+                         "quote a string value") from None
     return key.strip(), value
 
 
@@ -104,6 +110,13 @@ def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _deep_merge(_read_yaml(p.parent / base, (*seen, p.resolve())), loaded)
 
 
+@functools.lru_cache(maxsize=4)
+def _template(schema_cls: type) -> DictConfig:
+    """The schema as an OmegaConf tree, built once: building it costs several times more
+    than copying it, and every recipe, study point and test loads one."""
+    return OmegaConf.structured(schema_cls)
+
+
 def merge_recipe(schema_cls: type, path: str | Path | None,
                  overrides: list[str] | None = None) -> tuple[Any, list[str]]:
     """(the recipe as a ``schema_cls`` object, every problem found while merging it).
@@ -114,7 +127,7 @@ def merge_recipe(schema_cls: type, path: str | Path | None,
     errors: list[str] = []
     # The file first: a file refused by its limits costs no schema building.
     data = _read_yaml(Path(path)) if path is not None else {}
-    schema = OmegaConf.structured(schema_cls)
+    schema = copy.deepcopy(_template(schema_cls))
     known = _known_keys(schema)
     for key, value in _leaves(data):
         _merge_leaf(schema, key, value, known, errors)
@@ -127,23 +140,10 @@ def merge_recipe(schema_cls: type, path: str | Path | None,
         _merge_leaf(schema, key, value, known, errors)
     try:
         cfg = OmegaConf.to_object(schema)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, ArithmeticError) as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError([*errors, f"{key}: {str(exc).splitlines()[0]}"]) from None
     return cfg, errors
-
-
-def non_finite(obj: Any, prefix: str = "") -> list[str]:
-    """A problem for every float field of nested dataclasses that is inf or nan."""
-    out: list[str] = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            out += non_finite(value, key + ".")
-        elif isinstance(value, float) and not math.isfinite(value):
-            out.append(f"{key}: must be a finite number, got {value}")
-    return out
 
 
 def to_yaml(cfg: Any) -> str:

@@ -8,8 +8,22 @@ each component later receives only its own section. Defaults live in the datacla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+
+from localsgd.config.domains import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NAME,
+    NON_NEGATIVE,
+    PATH,
+    POSITIVE,
+    Items,
+    Length,
+    Range,
+    Text,
+    domain,
+)
 
 
 class ModelName(str, Enum):
@@ -78,6 +92,14 @@ MIN_IMAGE_SIZE = 8
 MIN_SYNTHETIC_SAMPLES = 4
 """Smallest ``data.synthetic_samples``: the synthetic test set is a quarter of it."""
 MIN_SYNTHETIC_CLASSES = 2
+MAX_TIMEOUT_S = 1e7
+"""Largest ``dist.timeout_s`` (about 115 days): the process group holds it in milliseconds
+and Python's timedelta has its own limit."""
+WANDB_PROJECT = Text(what="a W&B project name", max_len=128, forbid="/\\#?%:")
+"""W&B refuses longer project names and these characters."""
+WANDB_NAME = Text(what="a non-empty string", max_len=128)
+WANDB_TAG = Text(what="a tag", max_len=64)
+"""W&B tags are 1 to 64 characters."""
 
 
 @dataclass
@@ -101,11 +123,11 @@ class ModelConfig:
 class DataConfig:
     name: DatasetName = DatasetName.cifar10
     """Dataset: torchvision CIFAR-10/100, an ImageFolder tree (train/ and val/), or synthetic."""
-    root: str = "data"
+    root: str = domain(PATH, "data")
     """Directory holding the dataset (for CIFAR: the folder containing cifar-10-batches-py)."""
     download: bool = True
     """Try torchvision's download when the dataset is not under ``root``."""
-    batch_size: int = 128
+    batch_size: int = domain(AT_LEAST_ONE, 128)
     """Per-worker mini-batch size B_loc; the global batch is world_size * B_loc."""
     pipeline: DataPipeline = DataPipeline.torchvision
     """torchvision (default: per-sample PIL transforms in data.num_workers loader processes)
@@ -114,17 +136,17 @@ class DataConfig:
     as torchvision's, sample for sample, and the same partition)."""
     augment: bool = True
     """CIFAR augmentation: pad-4 random crop and horizontal flip (normalisation is always on)."""
-    num_workers: int = 2
+    num_workers: int = domain(NON_NEGATIVE, 2)
     """DataLoader worker processes per rank."""
-    train_subset: int | None = None
+    train_subset: int | None = domain(AT_LEAST_ONE, None)
     """Use only the first N training samples (smoke tests, quick demos)."""
-    test_subset: int | None = None
+    test_subset: int | None = domain(AT_LEAST_ONE, None)
     """Use only the first N test samples."""
-    image_size: int = 32
+    image_size: int = domain(Range(lo=MIN_IMAGE_SIZE), 32)
     """Side length of images (synthetic data; ImageFolder images are resized to it)."""
-    synthetic_samples: int = 512
+    synthetic_samples: int = domain(Range(lo=MIN_SYNTHETIC_SAMPLES), 512)
     """Number of training samples for the synthetic dataset (test set: a quarter of it)."""
-    synthetic_classes: int = 10
+    synthetic_classes: int = domain(Range(lo=MIN_SYNTHETIC_CLASSES), 10)
     """Number of classes of the synthetic dataset."""
 
 
@@ -137,19 +159,19 @@ class OptimName(str, Enum):
 class OptimConfig:
     name: OptimName = OptimName.sgd
     """Inner optimizer of every worker: sgd (momentum, Nesterov: the paper's) or adamw."""
-    base_lr: float = 0.1
+    base_lr: float = domain(POSITIVE, 0.1)
     """Learning rate per ``base_batch_size`` samples; scaled linearly with the global batch."""
-    base_batch_size: int = 64
+    base_batch_size: int = domain(AT_LEAST_ONE, 64)
     """Reference batch size for ``base_lr`` (the paper: 0.1 per 64 samples)."""
-    momentum: float = 0.9
+    momentum: float = domain(FRACTION, 0.9)
     """SGD momentum (optim.name=sgd)."""
     nesterov: bool = True
     """Use Nesterov momentum (optim.name=sgd)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = domain(Length(2, FRACTION), factory=lambda: [0.9, 0.999])
     """AdamW's (beta1, beta2) (optim.name=adamw)."""
-    eps: float = 1e-8
+    eps: float = domain(POSITIVE, 1e-8)
     """AdamW's epsilon (optim.name=adamw)."""
-    weight_decay: float = 1e-4
+    weight_decay: float = domain(NON_NEGATIVE, 1e-4)
     """Weight decay: L2 added to the gradient for sgd, decoupled for adamw."""
     no_decay_bn_bias: bool = True
     """Exempt BatchNorm parameters and biases from weight decay (the paper's setting)."""
@@ -157,29 +179,29 @@ class OptimConfig:
 
 @dataclass
 class LRScheduleConfig:
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = domain(NON_NEGATIVE, 0.0)
     """Linear warmup from base_lr (unscaled) to the scaled LR over this many epochs."""
     decay: LRDecay = LRDecay.multistep
     """Decay after warmup: multistep (x gamma at each milestone), cosine to 0, or constant."""
-    milestones: list[int] = field(default_factory=list)
+    milestones: list[int] = domain(Items(AT_LEAST_ONE, increasing=True), factory=list)
     """Epochs at which multistep decay multiplies the LR by ``gamma``."""
-    gamma: float = 0.1
+    gamma: float = domain(Range(0, 1, lo_open=True), 0.1)
     """Multistep decay factor."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = domain(AT_LEAST_ONE, 1)
     """Number of epochs (full passes over each worker's partition)."""
-    grad_accum: int = 1
+    grad_accum: int = domain(AT_LEAST_ONE, 1)
     """Micro-batches per optimizer step; the sync counter counts optimizer steps."""
-    max_steps: int | None = None
+    max_steps: int | None = domain(AT_LEAST_ONE, None)
     """Stop after this many optimizer steps (tests and benchmarks); None = run all epochs."""
-    log_every_steps: int = 10
+    log_every_steps: int = domain(AT_LEAST_ONE, 10)
     """Write a train/* record to metrics.jsonl every N optimizer steps."""
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = domain(AT_LEAST_ONE, 1)
     """Evaluate on the test set every N epochs (and always after the last one)."""
-    target_acc: float | None = None
+    target_acc: float | None = domain(Range(0, 1, lo_open=True), None)
     """Eval accuracy (0-1) whose first crossing is reported as time-to-accuracy."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
@@ -189,7 +211,7 @@ class TrainConfig:
     its DDP wrapper (gradient all-reduces still overlap with backward), deepspeed calls
     DeepSpeedEngine.compile. Parameters, the state_dict, averaging and evaluation stay the
     plain module's."""
-    compile_backend: str = "inductor"
+    compile_backend: str = domain(NAME, "inductor")
     """torch.compile backend for train.compile: inductor (needs a C++ compiler on CPU, and
     Triton on CUDA), or aot_eager / eager, which skip code generation."""
 
@@ -200,22 +222,22 @@ class DistConfig:
     """Process-group backend; auto picks nccl on CUDA and gloo on CPU."""
     device: Device = Device.auto
     """auto uses CUDA when available."""
-    timeout_s: float = 600.0
+    timeout_s: float = domain(Range(0, MAX_TIMEOUT_S, lo_open=True), 600.0)
     """Collective timeout: a stopped or lost peer fails the job after this many seconds."""
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/${name}"
+    dir: str = domain(PATH, "runs/${name}")
     """Run directory: config.yaml, metrics.jsonl, summary.json, model.pt, checkpoints/."""
     resume: bool = True
     """Resume from the latest complete checkpoint in ``dir/checkpoints`` when one exists."""
-    checkpoint_every_epochs: int = 1
+    checkpoint_every_epochs: int = domain(NON_NEGATIVE, 1)
     """Write a checkpoint every N epochs (0: none at epoch ends)."""
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = domain(NON_NEGATIVE, 0)
     """Also write one every N optimizer steps, mid-epoch included (0: off). A restarted job
     loses at most this many steps of work."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = domain(AT_LEAST_ONE, 2)
     """Number of most recent checkpoints kept."""
 
 
@@ -223,15 +245,15 @@ class RunConfig:
 class WandbConfig:
     mode: WandbMode | None = None
     """offline, online or disabled; None means WANDB_MODE if set, else offline."""
-    project: str = "localsgd"
+    project: str = domain(WANDB_PROJECT, "localsgd")
     """W&B project."""
-    entity: str | None = None
+    entity: str | None = domain(NAME, None)
     """W&B entity (team or user); None uses the default."""
-    group: str | None = None
+    group: str | None = domain(WANDB_NAME, None)
     """Runs of one experiment share a group; None uses the recipe name."""
-    name: str | None = None
+    name: str | None = domain(WANDB_NAME, None)
     """Run name; None uses the run directory's name."""
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = domain(Items(WANDB_TAG), factory=list)
     """Run tags."""
-    notes: str | None = None
+    notes: str | None = domain(Text(what="a string", empty=True), None)
     """Run notes."""

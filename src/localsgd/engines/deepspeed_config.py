@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localsgd.config.domains import PATH, domain
 from localsgd.config.errors import ConfigError
 from localsgd.registry import Facts
 
@@ -43,7 +44,7 @@ KEY = "engine.deepspeed_config"
 
 @dataclass
 class DeepSpeedKeys:
-    deepspeed_config: str | None = None
+    deepspeed_config: str | None = domain(PATH, None)
     """Path to a DeepSpeed JSON config (engine deepspeed only)."""
 
 

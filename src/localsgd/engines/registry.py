@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from localsgd.config.domains import Choice, domain
 from localsgd.launch.env import DistInfo
 from localsgd.registry import Facts, Registry, Section
 from localsgd.sync.accounting import CommMeter
@@ -22,7 +23,7 @@ ENGINES: Registry[type] = Registry("engine.name", "localsgd.engines")
 
 @dataclass
 class EngineCommon:
-    name: str = "ddp"
+    name: str = domain(Choice(ENGINES.names, key=ENGINES.key), "ddp")
     """ddp (PyTorch DistributedDataParallel) or deepspeed."""
 
 

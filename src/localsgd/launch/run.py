@@ -115,7 +115,12 @@ def run_main(argv: list[str]) -> int:
               "[dotted.key=value ...]", file=sys.stderr, flush=True)
         return 2
     recipe, overrides = args.training_script, list(args.training_script_args)
-    cfg, problems = _checked(recipe, overrides, args.nnodes, str(args.nproc_per_node))
+    from localsgd.launch.options import option_problems
+
+    problems = option_problems(args)
+    cfg = None
+    if not problems:
+        cfg, problems = _checked(recipe, overrides, args.nnodes, str(args.nproc_per_node))
     if problems:
         print(f"localsgd: error: {ConfigError(problems)}", file=sys.stderr, flush=True)
         return 2

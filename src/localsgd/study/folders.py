@@ -18,8 +18,9 @@ from localsgd.study.spec import Point
 
 POINT_FILE = "point.json"
 """The point a run folder was started for: its label, base recipe and overrides."""
-MAX_NAME_BYTES = 255
-"""Longest file name the usual file systems (ext4, APFS, NTFS) accept."""
+MAX_NAME_BYTES = 128
+"""Longest run folder name: the folder name is also the point's W&B run name, which W&B
+limits to 128 characters (file systems allow 255 bytes)."""
 
 
 def folder_problems(points: list[Point]) -> list[str]:
@@ -39,8 +40,9 @@ def folder_problems(points: list[Point]) -> list[str]:
             continue
         if len(slug.encode()) > MAX_NAME_BYTES:
             out.append(f"point {p.index}/{n} ({p.label[:40]}...): its run folder name is "
-                       f"{len(slug.encode())} bytes, over the {MAX_NAME_BYTES} file systems "
-                       "allow; shorten the variant name or move keys into overrides")
+                       f"{len(slug.encode())} bytes, over the {MAX_NAME_BYTES} a run folder "
+                       "and W&B run name may have; shorten the variant name or move keys into "
+                       "overrides")
             continue
         first = taken.setdefault(slug.casefold(), p)
         if first is not p:

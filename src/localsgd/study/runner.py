@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.config.errors import ConfigError
+from localsgd.launch.options import option_problems
 from localsgd.launch.run import launch_problems, torchrun_args
-from localsgd.study.folders import POINT_FILE, folder_problems, mismatch, write_point
+from localsgd.study.folders import (
+    MAX_NAME_BYTES,
+    POINT_FILE,
+    folder_problems,
+    mismatch,
+    write_point,
+)
 from localsgd.study.spec import Point, Study, load_study
 
 
@@ -47,8 +54,13 @@ def check_study(study: Study) -> list[str]:
     if args.training_script_args:
         return [*folders, f"launch: {args.training_script_args} follow the recipe; give "
                           "torchrun options only (overrides go under overrides:)"]
+    bad = option_problems(args)
+    if bad:
+        return [*folders, *(f"launch: {problem}" for problem in bad)]
     seen: dict[str, list[Point]] = {}
     for point in study.points:
+        if len(point.slug.encode()) > MAX_NAME_BYTES:
+            continue  # reported by folder_problems; its W&B run name would be refused too
         for problem in launch_problems(str(study.recipe), point_overrides(study, point),
                                        args.nnodes, str(args.nproc_per_node)):
             seen.setdefault(problem, []).append(point)

@@ -10,7 +10,14 @@ variants:                         # optional: named override lists
 grid:                             # optional: key -> values, every combination
   sync.period: [4, 16]
   seed: [0, 1]
+dir: runs/studies/NAME            # optional: where the points' run directories go
 ```
+
+Domains: ``name`` a non-empty string without '/' or quotes; ``recipe`` and ``dir``
+non-empty paths; ``launch`` and ``overrides`` lists of strings (``launch``: torchrun
+options, those localsgd reads checked as in ``localsgd.launch.options``); ``variants`` a
+mapping of names to lists of overrides; ``grid`` a mapping of recipe keys to non-empty lists
+of values. Every point's recipe is then checked like ``localsgd check``'s.
 
 Points are every variant (or one unnamed one) crossed with every combination of the grid,
 in the order written. A point's *variant* is everything but its ``seed``: the table reports
@@ -27,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from localsgd.config.domains import PATH
 from localsgd.config.errors import ConfigError
 from localsgd.config.load import read_mapping
 
@@ -111,6 +119,8 @@ def load_study(path: str | Path) -> Study:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             problems.append(f"grid.{key}: must be a non-empty list of values, got {values!r}")
+    if "dir" in raw:
+        problems += [f"dir{suffix}: {msg}" for suffix, msg in PATH.problems(raw["dir"])]
     if "variants" not in raw and not grid:
         problems.append("grid: the study has no points; give grid (key: [values]) or "
                         "variants (name: [overrides])")

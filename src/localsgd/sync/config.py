@@ -17,7 +17,4 @@ SyncConfig = compose("SyncConfig", SyncCommon, SECTION.selectors.values())
 
 def check_sync(cfg: Any, facts: Facts) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the ``sync`` section."""
-    problems, warnings = SECTION.check(cfg, facts)
-    if cfg.bucket_mb <= 0:  # inf and nan are reported for every float key alike
-        problems.append(f"sync.bucket_mb: must be > 0, got {cfg.bucket_mb}")
-    return problems, warnings
+    return SECTION.check(cfg, facts)

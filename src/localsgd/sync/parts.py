@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from localsgd.config.domains import POSITIVE, Choice, domain
 from localsgd.registry import Registry, Section
 
 
@@ -39,29 +40,29 @@ PERIOD_RULES: Registry[type] = Registry("sync.period_rule", "localsgd.sync.perio
 class SyncCommon:
     """Keys of the ``sync`` section that every combination of parts reads."""
 
-    algorithm: str = "minibatch"
+    algorithm: str = domain(Choice(SCHEDULES.names, key=SCHEDULES.key), "minibatch")
     """The schedule: minibatch (all-reduce gradients every step), local (average models every
     ``period`` steps), post_local (minibatch until the switch point, then local) or
     hierarchical (average inside a node every ``period`` steps, across nodes every
     ``period * block_period``)."""
-    topology: str = "complete"
+    topology: str = domain(Choice(TOPOLOGIES.names, key=TOPOLOGIES.key), "complete")
     """Who exchanges with whom at a sync: complete (every worker, or every worker of a node,
     all-reduce) or a gossip graph: ring, torus or expander (each worker mixes with its
     neighbours by point-to-point sends, weights from the graph's mixing matrix)."""
-    reducer: str = "auto"
+    reducer: str = domain(Choice(REDUCERS.names, ("auto",), REDUCERS.key), "auto")
     """What travels: mean (the exact mean, one all-reduce per bucket), gossip (a bucket to
     each graph neighbour, mixed with their weights) or compressed (model deltas compressed
     by ``sync.compression``, all-gathered); auto picks compressed when
     ``sync.compression.method`` is set, else what the topology needs."""
-    update: str = "copy"
+    update: str = domain(Choice(UPDATES.names, key=UPDATES.key), "copy")
     """How the result is applied: copy (every worker takes the average) or outer (an outer
     optimizer steps on the anchor with the averaged pseudo-gradient, as SlowMo and DiLoCo;
     see ``sync.outer``)."""
-    period_rule: str = "fixed"
+    period_rule: str = domain(Choice(PERIOD_RULES.names, key=PERIOD_RULES.key), "fixed")
     """How long each local period is: fixed (``period`` steps) or qsr (the Quadratic
     Synchronization Rule: max(period, floor((qsr_alpha / lr)^2)), from the LR at the start of
     each period)."""
-    runner: str = "auto"
+    runner: str = domain(Choice(RUNNERS.names, ("auto",), RUNNERS.key), "auto")
     """When the result is applied: blocking (right away; training waits for it) or overlapped
     (``overlap_steps`` local steps later, the average running behind them); auto picks
     overlapped when ``overlap_steps`` > 0."""
@@ -72,7 +73,7 @@ class SyncCommon:
     eval_model: EvalModel = EvalModel.averaged
     """Model evaluated between syncs: the average (built aside, workers untouched) or each
     local model, reporting the mean of their metrics."""
-    bucket_mb: float = 25.0
+    bucket_mb: float = domain(POSITIVE, 25.0)
     """Size of one averaging bucket in MiB: bounds extra memory and sets the collective count."""
 
 

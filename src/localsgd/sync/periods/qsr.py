@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from localsgd.config.domains import POSITIVE, domain
 from localsgd.config.errors import ConfigError
 from localsgd.registry import Facts, need
 from localsgd.sync.parts import PERIOD_RULES
@@ -27,7 +28,7 @@ UNBOUNDED = 2**62
 
 @dataclass
 class QSRKeys:
-    qsr_alpha: float | None = None
+    qsr_alpha: float | None = domain(POSITIVE, None)
     """alpha of the Quadratic Synchronization Rule (sync.period_rule=qsr): a period starting
     at learning rate lr lasts max(sync.period, floor((qsr_alpha / lr)^2)) steps. The paper
     picks it so that H stays near sync.period at the peak learning rate."""
@@ -57,7 +58,7 @@ class QSR(Fixed):
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         problems: list[str] = []
         check = need(problems)
-        check(cfg.qsr_alpha is not None and cfg.qsr_alpha > 0,
+        check(cfg.qsr_alpha is not None,
               f"sync.qsr_alpha: sync.period_rule=qsr needs a positive alpha, got "
               f"{cfg.qsr_alpha}")
         check(cfg.algorithm in ("local", "post_local"),

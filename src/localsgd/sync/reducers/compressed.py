@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from localsgd.config.domains import AT_LEAST_ONE, NON_NEGATIVE, Choice, Range, domain
 from localsgd.registry import Facts, Part, need
 from localsgd.sync.buckets import flat_view
 from localsgd.sync.codecs.base import CODECS, Payload
@@ -42,12 +43,12 @@ from localsgd.sync.parts import REDUCERS, topology_gossips
 
 @dataclass
 class CompressionKeys:
-    method: str = "none"
+    method: str = domain(Choice(CODECS.names, key="sync.compression.method"), "none")
     """What travels at a sync (model deltas) and, in mini-batch steps on DDP, for gradients:
     none | bf16 | sign | ef_sign | topk | randomk | qsgd."""
-    ratio: float = 0.01
+    ratio: float = domain(Range(0, 1, lo_open=True), 0.01)
     """Fraction of the elements top-k and random-k keep, in (0, 1]."""
-    levels: int = 4
+    levels: int = domain(AT_LEAST_ONE, 4)
     """QSGD: bits per magnitude; 2^levels - 1 quantization levels (>= 1)."""
     error_feedback: bool = False
     """Keep what the codec dropped and add it to the next payload (ef_sign always does)."""
@@ -57,7 +58,7 @@ class CompressionKeys:
 class CompressedKeys:
     compression: CompressionKeys = field(default_factory=CompressionKeys)
     """Compressed communication (sync.reducer=auto picks compressed when method != none)."""
-    consensus_every: int = 0
+    consensus_every: int = domain(NON_NEGATIVE, 0)
     """With a gossip topology (ring, torus, expander) or compression: measure the true
     consensus distance (one exact all-reduce of the parameters, counted as comm/consensus)
     at every N-th sync; 0 never, and sync records then carry no distance. Evaluation and the
@@ -77,8 +78,6 @@ def check_compression(keys: CompressionKeys) -> list[str]:
     check = need(p)
     if CODECS.find(keys.method) is None:
         p.append(CODECS.unknown(keys.method))
-    check(0 < keys.ratio <= 1, f"sync.compression.ratio: must be in (0, 1], got {keys.ratio}")
-    check(keys.levels >= 1, f"sync.compression.levels: must be >= 1, got {keys.levels}")
     check(keys.method != "qsgd" or keys.levels <= 16,
           f"sync.compression.levels: qsgd packs 1 + levels bits per element, at most 17; "
           f"got levels={keys.levels}")
@@ -131,8 +130,6 @@ class Compressed(Part):
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         keys = cfg.compression
         p = check_compression(keys)
-        if cfg.consensus_every < 0:
-            p.append(f"sync.consensus_every: must be >= 0 (0: never), got {cfg.consensus_every}")
         if keys.method == "none":
             p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
                      "topk, randomk, qsgd or bf16); or use sync.reducer=auto")

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from localsgd.config.domains import AT_LEAST_ONE, NON_NEGATIVE, domain
 from localsgd.registry import Facts, Part
 from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.parts import RUNNERS
@@ -49,11 +50,11 @@ from localsgd.sync.schedules.base import MINIBATCH, Schedule
 
 @dataclass
 class OverlapKeys:
-    overlap_steps: int = 0
+    overlap_steps: int = domain(NON_NEGATIVE, 0)
     """tau: local steps an average runs in the background before it is applied (0: blocking,
     the default). At most ``sync.period / sync.fragments``, so that one average is in flight
     at a time."""
-    fragments: int = 1
+    fragments: int = domain(AT_LEAST_ONE, 1)
     """F: stream each sync in F fragments, started period / F steps apart (F divides
     sync.period); at most 1/F of the synced tensors is in flight and held as a snapshot."""
 
@@ -82,12 +83,8 @@ class Overlapped(Part):
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         tau, parts = cfg.overlap_steps, cfg.fragments
-        if tau < 0:
-            return [f"sync.overlap_steps: must be >= 0 (0: blocking), got {tau}"]
         if tau == 0:
             return ["sync.overlap_steps: must be >= 1 with sync.runner=overlapped, got 0"]
-        if parts < 1:
-            return [f"sync.fragments: must be >= 1, got {parts}"]
         if facts.optimizer == "adamw" and cfg.momentum == "average":
             return ["sync.momentum: average with optim.name=adamw cannot run overlapped: the "
                     "correction could push AdamW's second moment below zero; use "

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from localsgd.config.domains import NON_NEGATIVE, domain
 from localsgd.registry import Facts, Part
 
 GLOBAL = "global"
@@ -25,10 +26,10 @@ LOCAL = "local"
 class SwitchKeys:
     """Keys of schedules that may start with a mini-batch phase."""
 
-    switch_epoch: float | None = None
+    switch_epoch: float | None = domain(NON_NEGATIVE, None)
     """Switch point in epochs: mini-batch SGD before it, local steps after (the paper uses
     the first LR decay)."""
-    switch_step: int | None = None
+    switch_step: int | None = domain(NON_NEGATIVE, None)
     """Switch point in optimizer steps (alternative to switch_epoch)."""
 
 
@@ -98,10 +99,6 @@ def switch_step(cfg: Any, steps_per_epoch: int) -> int:
     return 0
 
 
-def check_period(cfg: Any, *keys: str) -> list[str]:
-    return [f"sync.{k}: must be >= 1, got {getattr(cfg, k)}" for k in keys if getattr(cfg, k) < 1]
-
-
 def check_switch(cfg: Any, facts: Facts, required: bool, algorithm: str) -> list[str]:
     p: list[str] = []
     if cfg.switch_epoch is not None and cfg.switch_step is not None:
@@ -109,10 +106,8 @@ def check_switch(cfg: Any, facts: Facts, required: bool, algorithm: str) -> list
     elif required and cfg.switch_epoch is None and cfg.switch_step is None:
         p.append(f"sync.switch_epoch: {algorithm} needs a switch point; set sync.switch_epoch "
                  "(e.g. the first LR decay) or sync.switch_step")
-    if cfg.switch_epoch is not None and not 0 <= cfg.switch_epoch < facts.epochs:
+    if cfg.switch_epoch is not None and not cfg.switch_epoch < facts.epochs:
         p.append(f"sync.switch_epoch: must be in [0, train.epochs={facts.epochs}), got "
                  f"{cfg.switch_epoch}; a switch after the last epoch never happens")
-    if cfg.switch_step is not None and cfg.switch_step < 0:
-        p.append(f"sync.switch_step: must be >= 0, got {cfg.switch_step}")
     return p
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from localsgd.config.domains import AT_LEAST_ONE, domain
 from localsgd.registry import Facts
 from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import (
@@ -16,7 +17,6 @@ from localsgd.sync.schedules.base import (
     MINIBATCH,
     NODE,
     Schedule,
-    check_period,
     check_switch,
     switch_step,
 )
@@ -25,7 +25,7 @@ from localsgd.sync.schedules.post_local import PostLocalKeys
 
 @dataclass
 class HierarchicalKeys(PostLocalKeys):
-    block_period: int = 1
+    block_period: int = domain(AT_LEAST_ONE, 1)
     """H_b (hierarchical only): a global average every period * block_period steps."""
 
 
@@ -44,8 +44,7 @@ class Hierarchical(Schedule):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        p = check_period(cfg, "period", "block_period") + check_switch(cfg, facts, False,
-                                                                        cls.name)
+        p = check_switch(cfg, facts, False, cls.name)
         world, local = facts.world_size, facts.local_world_size
         if world is not None and local is not None:
             if world % local != 0:

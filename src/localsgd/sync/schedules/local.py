@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from localsgd.registry import Facts
+from localsgd.config.domains import AT_LEAST_ONE, domain
 from localsgd.sync.parts import SCHEDULES
-from localsgd.sync.schedules.base import Schedule, check_period
+from localsgd.sync.schedules.base import Schedule
 
 
 @dataclass
 class PeriodKeys:
-    period: int = 1
+    period: int = domain(AT_LEAST_ONE, 1)
     """H: local steps between two model averages (intra-node ones for hierarchical)."""
 
 
@@ -25,7 +25,3 @@ class Local(Schedule):
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
         return cls(switch_step=0, period=cfg.period)
-
-    @classmethod
-    def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        return check_period(cfg, "period")

@@ -10,7 +10,6 @@ from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import (
     Schedule,
     SwitchKeys,
-    check_period,
     check_switch,
     switch_step,
 )
@@ -34,4 +33,4 @@ class PostLocal(Schedule):
 
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        return check_period(cfg, "period") + check_switch(cfg, facts, True, cls.name)
+        return check_switch(cfg, facts, True, cls.name)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from localsgd.config.domains import NON_NEGATIVE, domain
 from localsgd.launch.env import DistInfo
 from localsgd.registry import Facts, Part, need
 from localsgd.sync.schedules.base import GLOBAL
@@ -81,7 +82,7 @@ class Neighbourhood:
 
 @dataclass
 class GossipKeys:
-    consensus_every: int = 0
+    consensus_every: int = domain(NON_NEGATIVE, 0)
     """With a gossip topology (ring, torus, expander): measure the true consensus distance
     (one exact all-reduce of the parameters, counted as comm/consensus) at every N-th sync;
     0 never, and sync records then carry no distance. Evaluation and the final model use the
@@ -105,8 +106,6 @@ class Gossip(Part):
         p: list[str] = []
         check = need(p)
         key = f"sync.topology: {cls.name}"
-        check(cfg.consensus_every >= 0,
-              f"sync.consensus_every: must be >= 0 (0: never), got {cfg.consensus_every}")
         check(facts.algorithm != "hierarchical",
               f"{key} gossips between single workers; sync.algorithm=hierarchical averages "
               "inside nodes first: use sync.algorithm=local or post_local, or "

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from localsgd.config.domains import FRACTION, POSITIVE, domain
 from localsgd.registry import Facts, need
 from localsgd.sync.buckets import flat_view
 from localsgd.sync.parts import UPDATES
@@ -40,9 +41,9 @@ class StateDevice(str, Enum):
 
 @dataclass
 class OuterOptimizerKeys:
-    lr: float = 1.0
+    lr: float = domain(POSITIVE, 1.0)
     """alpha: outer learning rate (1 with momentum 0 is plain averaging)."""
-    momentum: float = 0.0
+    momentum: float = domain(FRACTION, 0.0)
     """beta: outer momentum (SlowMo uses 0.5 or more, DiLoCo 0.9 with Nesterov)."""
     nesterov: bool = False
     """Nesterov outer momentum (DiLoCo)."""
@@ -68,8 +69,6 @@ class Outer(Update):
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         o, problems = cfg.outer, []
         check = need(problems)
-        check(o.lr > 0, f"sync.outer.lr: must be > 0, got {o.lr}")
-        check(0 <= o.momentum < 1, f"sync.outer.momentum: must be in [0, 1), got {o.momentum}")
         check(not o.nesterov or o.momentum > 0,
               "sync.outer.nesterov: Nesterov needs sync.outer.momentum > 0")
         check(facts.local_steps, f"sync.update: outer steps on model averages, and "
