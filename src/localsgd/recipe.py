@@ -22,6 +22,7 @@ from localsgd.config.schema import (
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TaskConfig,
     TrainConfig,
     WandbConfig,
 )
@@ -30,6 +31,7 @@ from localsgd.engines import EngineConfig, check_engine
 from localsgd.registry import Facts
 from localsgd.sync.config import SyncConfig, check_sync
 from localsgd.sync.parts import SCHEDULES
+from localsgd.tasks import task_rules
 
 
 @dataclass
@@ -38,6 +40,7 @@ class RecipeConfig:
     """Recipe name: default run directory and W&B group."""
     seed: int = 0
     """Seed for model init, data partition and augmentation."""
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -63,6 +66,7 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
                                          "none")),
                  channels_last=bool(cfg.model.channels_last),
                  compile_backend=str(cfg.train.compile_backend) if cfg.train.compile else None,
+                 grad_clip=float(cfg.optim.grad_clip),
                  world_size=world_size, local_world_size=local_world_size)
 
 
@@ -84,7 +88,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     problems, notes = check_parts(cfg, facts(cfg))
     # A key that is inf or nan gets that one message, not a range message besides.
     flagged = {p.split(":")[0] for p in infinite}
-    errors += [p for p in general_rules(cfg) + problems if p.split(":")[0] not in flagged]
+    errors += [p for p in general_rules(cfg) + task_rules(cfg) + problems
+               if p.split(":")[0] not in flagged]
     errors += infinite
     if errors:
         raise ConfigError(errors)

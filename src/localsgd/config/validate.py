@@ -100,4 +100,18 @@ def general_rules(cfg: Any) -> list[str]:
          f"run.checkpoint_every_steps: must be >= 0, got {cfg.run.checkpoint_every_steps}")
     need(cfg.run.keep_checkpoints >= 1,
          f"run.keep_checkpoints: must be >= 1, got {cfg.run.keep_checkpoints}")
+    # The language-model and optimization fields (task-specific ones: localsgd.tasks.*).
+    need(o.grad_clip >= 0, f"optim.grad_clip: must be >= 0 (0: off), got {o.grad_clip}")
+    need(s.warmup_steps >= 0, f"lr_schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    need(s.warmup_start is None or 0 < s.warmup_start <= 1,
+         f"lr_schedule.warmup_start: must be in (0, 1] or null, got {s.warmup_start}")
+    need(0 <= s.min_lr_ratio <= 1,
+         f"lr_schedule.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
+    need(s.total_steps is None or s.total_steps >= 1,
+         f"lr_schedule.total_steps: must be >= 1 or null, got {s.total_steps}")
+    need(s.total_steps is None or s.warmup_steps < s.total_steps,
+         f"lr_schedule.warmup_steps: must be below lr_schedule.total_steps={s.total_steps}, "
+         f"got {s.warmup_steps}")
+    need(t.eval_every_steps >= 0,
+         f"train.eval_every_steps: must be >= 0 (0: epoch ends only), got {t.eval_every_steps}")
     return p
