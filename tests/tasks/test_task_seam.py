@@ -19,7 +19,7 @@ from localsgd.models import build_model
 from localsgd.recipe import facts, load_config
 from localsgd.tasks import TASKS, build_task
 from localsgd.tasks.base import cross_entropy_metrics
-from localsgd.tasks.lm import TokenCrossEntropy, cache_dir
+from localsgd.tasks.lm import TokenCrossEntropy, cache_dir, spread
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import LRCurve, build_optimizer
 
@@ -163,3 +163,9 @@ def test_cache_folder_default_and_never_inside_the_data(monkeypatch: pytest.Monk
     with pytest.raises(ConfigError) as info:
         load_config(LM, [f"data.root={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"])
     assert [p.split(":")[0] for p in info.value.problems] == ["data.cache_dir"]
+
+
+def test_validation_subset_is_spread_over_every_document() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(10))
+    assert [int(x) for (x,) in spread(data, 4)] == [0, 2, 5, 7]
+    assert spread(data, 10) is data and spread(data, None) is data

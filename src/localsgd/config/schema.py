@@ -135,7 +135,8 @@ class DataConfig:
     train_subset: int | None = None
     """Use only the first N training samples (smoke tests, quick demos)."""
     test_subset: int | None = None
-    """Use only the first N test samples."""
+    """Use only the first N test samples (data.name=text: N validation windows spread evenly
+    over the held-out documents)."""
     image_size: int = 32
     """Side length of images (synthetic data; ImageFolder images are resized to it)."""
     synthetic_samples: int = 512

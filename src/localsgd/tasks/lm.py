@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset, Subset
 
 from localsgd.config.schema import DataPipeline, DatasetName, ModelName, Positions
 from localsgd.data import DataError
@@ -88,7 +89,7 @@ class LanguageModel(Task):
         except TextDataError as exc:
             raise DataError(str(exc)) from exc
         return DatasetBundle(train=_take_first(train, d.train_subset, "data.train_subset"),
-                             test=_take_first(val, d.test_subset, "data.test_subset"),
+                             test=spread(val, d.test_subset),
                              num_classes=splits.vocab_size, image_size=d.context)
 
     def model(self, data: DatasetBundle) -> nn.Module:
@@ -110,6 +111,15 @@ class LanguageModel(Task):
     def metrics(self, prefix: str, loss_sum: float, correct: float, count: float
                 ) -> dict[str, float]:
         return cross_entropy_metrics(prefix, loss_sum, correct, count)
+
+
+def spread(dataset: Dataset, n: int | None) -> Dataset:
+    """``n`` windows evenly spaced over ``dataset`` (all of it when n is None or larger):
+    a validation subset that samples every held-out document, not only the first."""
+    total = len(dataset)  # type: ignore[arg-type]
+    if n is None or n >= total:
+        return dataset
+    return Subset(dataset, [i * total // n for i in range(n)])
 
 
 def _inside(path: Path, root: Path) -> bool:
