@@ -6,13 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from localsgd.config.schema import DatasetName, ModelName
+from localsgd.config.schema import DatasetName
 from localsgd.data import build_datasets
 from localsgd.data.datasets import DatasetBundle
-from localsgd.models import build_model
+from localsgd.models import LM_MODELS, build_model
 from localsgd.tasks.base import TASKS, Task
-
-LM_MODELS = (ModelName.gpt_tiny, ModelName.gpt_mini, ModelName.gpt2_124m)
 
 
 @TASKS.register

@@ -20,9 +20,8 @@ from torch.utils.data import Dataset, Subset
 from localsgd.config.schema import DataPipeline, DatasetName, ModelName, Positions
 from localsgd.data import DataError
 from localsgd.data.datasets import DatasetBundle, _take_first
+from localsgd.models import LM_MODELS
 from localsgd.tasks.base import TASKS, Task, cross_entropy_metrics
-
-LM_MODELS = (ModelName.gpt_tiny, ModelName.gpt_mini, ModelName.gpt2_124m)
 
 
 class TokenCrossEntropy(nn.Module):
