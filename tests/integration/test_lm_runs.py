@@ -188,3 +188,77 @@ def test_tiny_recipes_learn_below_2_8_bits_per_byte(tmp_path: Path, text_cache: 
               f"data.root={TEXT}", f"data.cache_dir={text_cache}", "train.progress=false"],
              timeout=3600)
     assert summary(tmp_path / recipe)["eval/bpb"] < 2.8
+
+
+def _replay_diloco(cfg: Any, world: int) -> dict[str, torch.Tensor]:
+    """DiLoCo written out independently: per-worker AdamW (clipped, scheduled), every H
+    steps the plain average, an outer Nesterov step from the anchor, every worker reset."""
+    from localsgd.data import ResumableDistributedSampler
+    from localsgd.train.optim import build_optimizer, build_scheduler, scaled_lr
+
+    task = build_task(cfg)
+    data = task.datasets(allow_download=False)
+    torch.manual_seed(cfg.seed)
+    first = task.model(data).to(torch.float64)
+    models = [first] + [type(first)(**_gpt_kwargs(cfg)).to(torch.float64)
+                        for _ in range(world - 1)]
+    for m in models[1:]:
+        m.load_state_dict(first.state_dict())
+    b, h = cfg.data.batch_size, cfg.sync.period
+    peak = scaled_lr(cfg.optim, world * b)
+    samplers = [ResumableDistributedSampler(data.train, world, r, cfg.seed, b)
+                for r in range(world)]
+    for s in samplers:
+        s.set_epoch(0)
+    orders = [list(s) for s in samplers]
+    steps_per_epoch = len(orders[0]) // b
+    opts = [build_optimizer(cfg.optim, m, peak) for m in models]
+    scheds = [build_scheduler(cfg.lr_schedule, o, cfg.optim.base_lr, peak, steps_per_epoch,
+                              cfg.train.epochs) for o in opts]
+    anchor = [p.detach().clone() for p in first.parameters()]
+    velocity = [torch.zeros_like(a) for a in anchor]
+    o = cfg.sync.outer
+    for step in range(1, cfg.train.max_steps + 1):
+        for r, m in enumerate(models):
+            batch = [data.train[i] for i in orders[r][(step - 1) * b:step * b]]
+            x = torch.stack([x for x, _ in batch])
+            y = torch.stack([y for _, y in batch])
+            logits = m(x)
+            torch.nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(list(m.parameters()), cfg.optim.grad_clip)
+            opts[r].step()
+            opts[r].zero_grad(set_to_none=True)
+            scheds[r].step()
+        if step % h == 0:
+            params = [list(m.parameters()) for m in models]
+            with torch.no_grad():
+                for i, a in enumerate(anchor):
+                    avg = sum(ps[i] for ps in params) / world
+                    grad = a - avg
+                    velocity[i].mul_(o.momentum).add_(grad)
+                    a.sub_(grad + o.momentum * velocity[i], alpha=o.lr)
+                    for ps in params:
+                        ps[i].copy_(a)
+    return {k: v.detach() for k, v in first.state_dict().items()}
+
+
+def _gpt_kwargs(cfg: Any) -> dict[str, Any]:
+    from localsgd.models.gpt import GPT_SIZES
+
+    shape = GPT_SIZES[cfg.model.name.value]
+    return {"vocab_size": 256, "context": cfg.data.context, "width": shape.width,
+            "depth": shape.depth, "heads": shape.heads, "positions": cfg.model.positions.value,
+            "tie_embeddings": cfg.model.tie_embeddings, "dropout": cfg.model.dropout}
+
+
+@pytest.mark.slow
+def test_diloco_lm_in_float64_equals_an_independent_replay(tmp_path: Path,
+                                                           text_cache: Path) -> None:
+    run = tmp_path / "f64"
+    extra = ["model.dtype=float64", "train.max_steps=12", "lr_schedule.total_steps=12",
+             "train.eval_every_steps=0", "optim.grad_clip=0.5"]
+    torchrun(lm_args(DILOCO, run, text_cache, *extra))
+    want = _replay_diloco(load_config(run / "config.yaml"), world=2)
+    got = final_model(run)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
