@@ -333,3 +333,21 @@ class TextWindows(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    def __getstate__(self) -> dict[str, object]:
+        # Loader workers started by spawn/forkserver receive a pickled copy; a whole-file
+        # memmap travels as its path instead of as a copy of the whole token stream.
+        state = dict(self.__dict__)
+        t = self.tokens
+        if (isinstance(t, np.memmap) and t.filename and t.ndim == 1 and t.offset == 0
+                and t.strides == (t.itemsize,)
+                and t.nbytes == os.path.getsize(t.filename)):
+            state["tokens"] = (str(t.filename), t.dtype.str)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        tokens = state["tokens"]
+        if isinstance(tokens, tuple):
+            filename, dtype = tokens
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r")
+        self.__dict__.update(state)
