@@ -14,7 +14,13 @@ from conftest import REPO
 
 from localsgd.data.errors import DataError
 from localsgd.data.loaders import ResumableDistributedSampler, build_train_loader
-from localsgd.data.text import TextDataError, TextWindows, load_text, split_pieces
+from localsgd.data.text import (
+    TextDataError,
+    TextWindows,
+    choose_val,
+    load_text,
+    split_pieces,
+)
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "shakespeare"
 
@@ -111,6 +117,13 @@ def test_split_by_document(corpus: Path, tmp_path: Path, seed: int) -> None:
     sizes = [(corpus / n).stat().st_size for n in names]
     target = 0.2 * sum(sizes)
     assert abs(len(splits.val) - target) <= max(sizes) / 2
+
+
+def test_choice_keeps_a_document_on_each_side() -> None:
+    for seed in range(10):
+        assert len(choose_val([10, 10], 0.99, seed)) == 1
+        assert len(choose_val([10, 10, 1000], 0.001, seed)) == 1
+        assert len(choose_val([5] * 10, 0.95, seed)) == 9
 
 
 def test_split_depends_on_seed(corpus: Path, tmp_path: Path) -> None:

@@ -261,3 +261,19 @@ def test_torch_compile_matches_eager() -> None:
     out.float().pow(2).mean().backward()
     assert all(p.grad is not None for p in model.parameters())
 
+
+
+def test_channels_last_and_float64_are_harmless() -> None:
+    torch.manual_seed(0)
+    model = GPT(64, 16, 32, 2, 2)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        ref = model(idx)
+        # build_model lays 4-D weights out channels_last; a GPT has none, so nothing changes.
+        assert torch.equal(model.to(memory_format=torch.channels_last)(idx), ref)
+    double = copy.deepcopy(model).double()
+    out = double(idx)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in double.parameters())

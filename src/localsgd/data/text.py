@@ -194,13 +194,15 @@ def split_pieces(data: bytes, pieces: int) -> list[bytes]:
 
 def choose_val(sizes: list[int], val_fraction: float, seed: int) -> set[int]:
     """Indices of the held-out documents: in a seeded random order, each document joins if
-    it brings the held-out bytes closer to ``val_fraction`` of the total; at least one."""
+    it brings the held-out bytes closer to ``val_fraction`` of the total; at least one,
+    never all (at least one document stays for training)."""
     target = val_fraction * sum(sizes)
     order = np.random.default_rng(seed).permutation(len(sizes))
     chosen: set[int] = set()
     held = 0
     for i in order.tolist():
-        if abs(held + sizes[i] - target) < abs(held - target):
+        full = len(chosen) == len(sizes) - 1
+        if not full and abs(held + sizes[i] - target) < abs(held - target):
             chosen.add(i)
             held += sizes[i]
     if not chosen:
