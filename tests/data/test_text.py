@@ -4,6 +4,7 @@ the real distributed sampler with mid-epoch resume, and one-line errors for bad 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,13 @@ from conftest import REPO
 
 from localsgd.data.errors import DataError
 from localsgd.data.loaders import ResumableDistributedSampler, build_train_loader
-from localsgd.data.text import TextDataError, TextWindows, load_text, split_pieces
+from localsgd.data.text import (
+    TextDataError,
+    TextWindows,
+    choose_val,
+    load_text,
+    split_pieces,
+)
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "shakespeare"
 
@@ -112,6 +119,13 @@ def test_split_by_document(corpus: Path, tmp_path: Path, seed: int) -> None:
     assert abs(len(splits.val) - target) <= max(sizes) / 2
 
 
+def test_choice_keeps_a_document_on_each_side() -> None:
+    for seed in range(10):
+        assert len(choose_val([10, 10], 0.99, seed)) == 1
+        assert len(choose_val([10, 10, 1000], 0.001, seed)) == 1
+        assert len(choose_val([5] * 10, 0.95, seed)) == 9
+
+
 def test_split_depends_on_seed(corpus: Path, tmp_path: Path) -> None:
     vals = {tuple(load_text(corpus, tmp_path / "c", seed=s).val_docs) for s in range(5)}
     assert len(vals) > 1
@@ -183,6 +197,21 @@ def test_set_epoch_is_deterministic_and_keeps_the_length() -> None:
         assert torch.equal(a[len(a) - 1][0], b[len(b) - 1][0])
         offsets.add(a.offset)
     assert len(offsets) > 1
+
+
+def test_pickled_windows_reopen_the_memmap(corpus: Path, tmp_path: Path) -> None:
+    splits = load_text(corpus, tmp_path / "cache")
+    ds = TextWindows(splits.train, 8, offset=5)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000 < len(splits.train)  # the path travels, not the tokens
+    copy = pickle.loads(blob)
+    assert isinstance(copy.tokens, np.memmap) and copy.offset == 5 and len(copy) == len(ds)
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(ds[i], copy[i], strict=True))
+    # A plain array (or a slice of a map) is pickled as data.
+    for tokens in (splits.train[100:200], splits.train[::-1]):
+        part = TextWindows(tokens, 8)
+        assert torch.equal(pickle.loads(pickle.dumps(part))[3][0], part[3][0])
 
 
 @pytest.mark.parametrize("world", [2, 4])

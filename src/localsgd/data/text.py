@@ -194,13 +194,15 @@ def split_pieces(data: bytes, pieces: int) -> list[bytes]:
 
 def choose_val(sizes: list[int], val_fraction: float, seed: int) -> set[int]:
     """Indices of the held-out documents: in a seeded random order, each document joins if
-    it brings the held-out bytes closer to ``val_fraction`` of the total; at least one."""
+    it brings the held-out bytes closer to ``val_fraction`` of the total; at least one,
+    never all (at least one document stays for training)."""
     target = val_fraction * sum(sizes)
     order = np.random.default_rng(seed).permutation(len(sizes))
     chosen: set[int] = set()
     held = 0
     for i in order.tolist():
-        if abs(held + sizes[i] - target) < abs(held - target):
+        full = len(chosen) == len(sizes) - 1
+        if not full and abs(held + sizes[i] - target) < abs(held - target):
             chosen.add(i)
             held += sizes[i]
     if not chosen:
@@ -333,3 +335,21 @@ class TextWindows(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    def __getstate__(self) -> dict[str, object]:
+        # Loader workers started by spawn/forkserver receive a pickled copy; a whole-file
+        # memmap travels as its path instead of as a copy of the whole token stream.
+        state = dict(self.__dict__)
+        t = self.tokens
+        if (isinstance(t, np.memmap) and t.filename and t.ndim == 1 and t.offset == 0
+                and t.strides == (t.itemsize,)
+                and t.nbytes == os.path.getsize(t.filename)):
+            state["tokens"] = (str(t.filename), t.dtype.str)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        tokens = state["tokens"]
+        if isinstance(tokens, tuple):
+            filename, dtype = tokens
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r")
+        self.__dict__.update(state)

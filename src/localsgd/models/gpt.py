@@ -61,6 +61,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(seen.values())
 
 
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """Two parameter groups for ``torch.optim.AdamW``: matrices (linear and embedding
+    weights) with ``weight_decay``, vectors (LayerNorm weights, biases) without, as GPT-2
+    style training does; each tensor, tied ones included, appears once."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
 def rope_tables(
     seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
