@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="W&B group (wandb.group; default the recipe name)")
     p.add_argument("--entity", default=None)
     p.add_argument("--title", default=None)
+    p.add_argument("--task", default="classify", choices=["classify", "lm"],
+                   help="panels: test accuracy (classify) or validation loss vs tokens (lm)")
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_main([args.recipe, *args.overrides])
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from localsgd.report.wandb_report import report_main
 
-        return report_main(args.project, args.group, entity=args.entity, title=args.title)
+        return report_main(args.project, args.group, entity=args.entity, title=args.title,
+                           task=args.task)
     return 2
 
 

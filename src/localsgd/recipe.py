@@ -25,6 +25,7 @@ from localsgd.config.schema import (
     ModelConfig,
     OptimConfig,
     RunConfig,
+    TaskConfig,
     TrainConfig,
     WandbConfig,
 )
@@ -33,6 +34,7 @@ from localsgd.engines import EngineConfig, check_engine
 from localsgd.registry import Facts
 from localsgd.sync.config import SyncConfig, check_sync
 from localsgd.sync.parts import SCHEDULES
+from localsgd.tasks import task_rules
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RecipeConfig:
     """Recipe name: default run directory and W&B group."""
     seed: int = domain(Range(0, 2**63 - 1), 0)
     """Seed for model init, data partition and augmentation (torch takes 64-bit seeds)."""
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -66,6 +69,7 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
                                          "none")),
                  channels_last=bool(cfg.model.channels_last),
                  compile_backend=str(cfg.train.compile_backend) if cfg.train.compile else None,
+                 grad_clip=float(cfg.optim.grad_clip),
                  world_size=world_size, local_world_size=local_world_size)
 
 
@@ -92,7 +96,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     # Nor does a key whose value failed to merge (it holds its default now).
     named = flagged | {e.split(":")[0] for e in errors}
     errors += [message for _, message in outside]
-    errors += [p for p in general_rules(ruled) + problems
+    errors += [p for p in general_rules(ruled) + task_rules(ruled) + problems
                if p.split(":")[0].split("[")[0] not in named]
     if errors:
         raise ConfigError(errors)

@@ -55,6 +55,8 @@ class Facts:
     """model.channels_last."""
     compile_backend: str | None = None
     """train.compile_backend when train.compile is on, else None."""
+    grad_clip: float = 0.0
+    """optim.grad_clip: the global gradient norm each inner step is clipped to (0: off)."""
 
 
 class Part:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from localsgd.config.schema import ModelConfig, ModelName
-from localsgd.models import build_model, resnet_cifar, simplecnn
+from localsgd.models import IMAGE_MODELS, build_model, resnet_cifar, simplecnn
 
 torch.set_num_threads(2)
 
@@ -36,7 +36,7 @@ def _resnet_option_a_params(depth: int, num_classes: int) -> int:
 
 
 # WRN-28-10 is left out: a forward pass on it is slow on CPU and it is covered below.
-_FORWARD_MODELS = [m for m in ModelName if m is not ModelName.wrn28_10]
+_FORWARD_MODELS = [m for m in IMAGE_MODELS if m is not ModelName.wrn28_10]
 
 
 @pytest.mark.parametrize("name", _FORWARD_MODELS, ids=lambda m: m.value)
@@ -47,6 +47,11 @@ def test_forward_shape(name: ModelName) -> None:
         out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 7)
     assert torch.isfinite(out).all()
+
+
+def test_language_models_are_left_to_the_lm_task() -> None:
+    with pytest.raises(ValueError, match="task.name=lm"):
+        build_model(ModelConfig(name=ModelName.gpt_tiny), num_classes=7)
 
 
 def test_wrn28_10_params_and_forward() -> None:

@@ -18,6 +18,7 @@ from localsgd.config.domains import (
     NON_NEGATIVE,
     PATH,
     POSITIVE,
+    Choice,
     Items,
     Length,
     Range,
@@ -38,6 +39,15 @@ class ModelName(str, Enum):
     # A tiny convnet without BatchNorm: for smoke tests and exactness checks where
     # per-worker batch statistics would otherwise differ from a single large batch.
     simplecnn = "simplecnn"
+    # Decoder-only transformers (localsgd.models.gpt) for task.name=lm; sizes in GPT_SIZES.
+    gpt_tiny = "gpt_tiny"
+    gpt_mini = "gpt_mini"
+    gpt2_124m = "gpt2_124m"
+
+
+class Positions(str, Enum):
+    rope = "rope"
+    learned = "learned"
 
 
 class DType(str, Enum):
@@ -61,6 +71,7 @@ class DatasetName(str, Enum):
     cifar100 = "cifar100"
     imagefolder = "imagefolder"
     synthetic = "synthetic"
+    text = "text"
 
 
 class Backend(str, Enum):
@@ -117,6 +128,12 @@ class ModelConfig:
     bf16/fp16 run on GPU tensor cores without layout conversions. Results differ from the
     default layout by float rounding only (the sync code averages in any dense layout).
     The ddp engine only: DeepSpeed's set-up needs the default layout."""
+    positions: Positions = Positions.rope
+    """GPT models: rotary position embeddings (rope) or a learned position table (learned)."""
+    dropout: float = domain(FRACTION, 0.0)
+    """GPT models: dropout probability on attention and residual outputs, in [0, 1)."""
+    tie_embeddings: bool = True
+    """GPT models: the output projection shares the token embedding's weights."""
 
 
 @dataclass
@@ -141,13 +158,23 @@ class DataConfig:
     train_subset: int | None = domain(AT_LEAST_ONE, None)
     """Use only the first N training samples (smoke tests, quick demos)."""
     test_subset: int | None = domain(AT_LEAST_ONE, None)
-    """Use only the first N test samples."""
+    """Use only the first N test samples (data.name=text: N validation windows spread evenly
+    over the held-out documents)."""
     image_size: int = domain(Range(lo=MIN_IMAGE_SIZE), 32)
     """Side length of images (synthetic data; ImageFolder images are resized to it)."""
     synthetic_samples: int = domain(Range(lo=MIN_SYNTHETIC_SAMPLES), 512)
     """Number of training samples for the synthetic dataset (test set: a quarter of it)."""
     synthetic_classes: int = domain(Range(lo=MIN_SYNTHETIC_CLASSES), 10)
     """Number of classes of the synthetic dataset."""
+    context: int = domain(Range(lo=2), 128)
+    """data.name=text: tokens per training window (the model's context length); a sample is
+    one window, so the per-worker batch holds data.batch_size x data.context tokens."""
+    val_fraction: float = domain(Range(0, 1, lo_open=True, hi_open=True), 0.1)
+    """data.name=text: share of the bytes held out for validation, as whole documents
+    (at least one document), drawn with the recipe's seed."""
+    cache_dir: str | None = domain(PATH, None)
+    """data.name=text: folder for the token cache (never inside data.root). None: the
+    environment variable LOCALSGD_CACHE if set, else ~/.cache/localsgd/text."""
 
 
 class OptimName(str, Enum):
@@ -174,7 +201,14 @@ class OptimConfig:
     weight_decay: float = domain(NON_NEGATIVE, 1e-4)
     """Weight decay: L2 added to the gradient for sgd, decoupled for adamw."""
     no_decay_bn_bias: bool = True
-    """Exempt BatchNorm parameters and biases from weight decay (the paper's setting)."""
+    """Exempt every 1-D parameter from weight decay: BatchNorm and LayerNorm weights and
+    biases (the paper's setting). Embedding tables are exempted too (see no_decay_embeddings)."""
+    no_decay_embeddings: bool = True
+    """Exempt nn.Embedding weights from weight decay (a tied output projection with them)."""
+    grad_clip: float = domain(NON_NEGATIVE, 0.0)
+    """Clip every inner step's gradient to this global L2 norm (0: off). ddp clips the
+    worker's (all-reduced, unscaled) gradient with torch.nn.utils.clip_grad_norm_; deepspeed
+    passes it as gradient_clipping. On local steps each worker clips its own gradient."""
 
 
 @dataclass
@@ -187,6 +221,32 @@ class LRScheduleConfig:
     """Epochs at which multistep decay multiplies the LR by ``gamma``."""
     gamma: float = domain(Range(0, 1, lo_open=True), 0.1)
     """Multistep decay factor."""
+    warmup_steps: int = domain(NON_NEGATIVE, 0)
+    """Linear warmup over this many optimizer steps; when > 0 it replaces warmup_epochs."""
+    warmup_start: float | None = domain(Range(0, 1, lo_open=True), None)
+    """Fraction of the peak LR where warmup starts, in (0, 1]; None: base_lr / peak LR (the
+    gradual warmup from the unscaled LR; 1.0 when the LR is not scaled). LM recipes use e.g.
+    0.01."""
+    min_lr_ratio: float = domain(Range(0, 1), 0.0)
+    """decay=cosine: the LR decays to this fraction of the peak instead of 0, in [0, 1]."""
+    total_steps: int | None = domain(AT_LEAST_ONE, None)
+    """Optimizer steps the schedule spans (warmup plus decay); None: train.epochs x the
+    steps per epoch. Step-budgeted recipes set it to ${train.max_steps}."""
+
+
+
+def _task_names() -> list[str]:
+    from localsgd.tasks import TASKS  # the tasks import this schema
+
+    return TASKS.names()
+
+
+@dataclass
+class TaskConfig:
+    name: str = domain(Choice(_task_names, key="task.name"), "classify")
+    """What is learnt: classify (images to classes; accuracy) or lm (next-byte language
+    modelling of text; loss, perplexity and bits per byte). Tasks are the files of
+    localsgd.tasks; each supplies the datasets, the model family, the loss and the metrics."""
 
 
 @dataclass
@@ -203,6 +263,12 @@ class TrainConfig:
     """Evaluate on the test set every N epochs (and always after the last one)."""
     target_acc: float | None = domain(Range(0, 1, lo_open=True), None)
     """Eval accuracy (0-1) whose first crossing is reported as time-to-accuracy."""
+    target_loss: float | None = domain(POSITIVE, None)
+    """Eval loss (nats per sample or token) whose first crossing from above is reported as
+    time/to_target_s (with target_acc too, the first evaluation meeting both)."""
+    eval_every_steps: int = domain(NON_NEGATIVE, 0)
+    """Also evaluate every N optimizer steps inside epochs (0: only at epoch ends); the
+    results are "eval" records. LM epochs are long, so LM recipes evaluate by steps."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
     compile: bool = False

@@ -65,4 +65,7 @@ def general_rules(cfg: Any) -> list[str]:
 
     need(not (cfg.dist.backend == Backend.nccl and cfg.dist.device == Device.cpu),
          "dist.backend: nccl needs CUDA devices; use dist.backend=gloo with dist.device=cpu")
+    need(s.total_steps is None or s.warmup_steps < s.total_steps,
+         f"lr_schedule.warmup_steps: must be below lr_schedule.total_steps={s.total_steps}, "
+         f"got {s.warmup_steps}")
     return p

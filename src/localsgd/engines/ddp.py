@@ -96,6 +96,7 @@ class DDPEngine(EnginePart):
             self.wrapped.register_comm_hook(_HookState(meter, info.world_size),
                                             _counting_allreduce)
         self.amp = Autocast(ctx.facts.precision, info.device)
+        self.grad_clip = ctx.facts.grad_clip
         backend = ctx.facts.compile_backend
         # train.compile: the DDP wrapper is compiled, not the bare module, so dynamo splits
         # the graph at DDP's bucket boundaries and all-reduces still overlap with backward.
@@ -137,7 +138,7 @@ class DDPEngine(EnginePart):
         self.meter.record("other", 4 * (num_tensors + 1) + 4 * num_buckets, calls=2)
 
     def optimizer_step(self) -> None:
-        self.amp.step(self.optimizer)
+        self.amp.step(self.optimizer, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
 
     # SyncTarget

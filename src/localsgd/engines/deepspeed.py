@@ -200,6 +200,12 @@ class DeepSpeedEngine(EnginePart):
                 "gradients through DDP's comm hook, and DeepSpeed reduces its gradients "
                 "itself; use engine.name=ddp, or sync.algorithm=local or hierarchical (model "
                 "deltas are compressed on DeepSpeed's fp32 masters)")
+        if facts.grad_clip > 0 and facts.local_steps:
+            problems.append(
+                "optim.grad_clip: DeepSpeed's gradient_clipping averages the gradient norm "
+                "over all workers with an all-reduce at every step, which local steps must not "
+                f"do ({facts.algorithm}); use engine.name=ddp (each worker clips its own "
+                "gradient) or optim.grad_clip=0")
         return problems
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:

@@ -7,8 +7,8 @@ DeepSpeed carries it out (precision, ZeRO stage, bucket sizes, logging). Policy:
   writes them) and are an error when present with a different value:
   ``train_micro_batch_size_per_gpu`` = ``data.batch_size``,
   ``gradient_accumulation_steps`` = ``train.grad_accum``,
-  ``train_batch_size`` = world size x both, and ``gradient_clipping`` = 0 (recipes do not
-  clip; DeepSpeed would clip at 1.0 by default, with an all-reduce of the norm every step).
+  ``train_batch_size`` = world size x both, and ``gradient_clipping`` = ``optim.grad_clip``
+  (0 by default; DeepSpeed's own default would clip at 1.0).
   ``managed_gradient_accumulation`` may only be true (the engine sets the boundary).
 * ``optimizer`` and ``scheduler`` must be absent: the recipe's SGD (with its parameter
   groups and linearly scaled LR) is handed to DeepSpeed as the client optimizer, and the
@@ -125,11 +125,12 @@ def _reconcile(ds: dict[str, Any], path: str,
                      f"{grad_accum}; remove train_batch_size (it is filled from the recipe)")
     clip = ds.get("gradient_clipping", "auto")
     if clip == "auto":
-        out["gradient_clipping"] = 0.0
-    elif clip != 0 or isinstance(clip, bool):
-        p.append(f"{where} sets gradient_clipping={json.dumps(clip)}, but recipes do not "
-                 "clip gradients (and DeepSpeed's clipping all-reduces the norm every step, "
-                 "which local steps must not); remove it or set it to 0.0")
+        out["gradient_clipping"] = float(facts.grad_clip)
+    elif clip != facts.grad_clip or isinstance(clip, bool):
+        p.append(f"{where} sets gradient_clipping={json.dumps(clip)}, but the recipe's "
+                 f"optim.grad_clip gives {facts.grad_clip}; remove gradient_clipping from the "
+                 "JSON (it is filled from optim.grad_clip) or set it to "
+                 f"{float(facts.grad_clip)}")
     managed = ds.get("managed_gradient_accumulation", True)
     if managed is not True:
         p.append(f"{where} sets managed_gradient_accumulation={json.dumps(managed)}, but the "

@@ -50,6 +50,10 @@ def batch_norm_in_fp32(module: nn.Module) -> int:
     return count
 
 
+def _grad_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
 class Autocast:
     """``torch.autocast`` for forward, and for fp16 a per-worker ``GradScaler``.
 
@@ -73,10 +77,17 @@ class Autocast:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, clip: float = 0.0) -> None:
+        """One optimizer step; with ``clip`` > 0 the (unscaled) gradient is first clipped
+        to that global L2 norm over the optimizer's parameters."""
         if self.scaler is None:
+            if clip > 0:
+                nn.utils.clip_grad_norm_(_grad_params(optimizer), clip)
             optimizer.step()
             return
+        if clip > 0:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(_grad_params(optimizer), clip)
         self.scaler.step(optimizer)
         self.scaler.update()
 

@@ -20,6 +20,8 @@ from localsgd.models.vgg import VGG, vgg16_bn
 from localsgd.models.wide_resnet import WideResNet, wrn28_10
 
 __all__ = [
+    "IMAGE_MODELS",
+    "LM_MODELS",
     "CifarResNet",
     "DenseNet",
     "SimpleCNN",
@@ -32,6 +34,11 @@ __all__ = [
     "vgg16_bn",
     "wrn28_10",
 ]
+
+LM_MODELS = (ModelName.gpt_tiny, ModelName.gpt_mini, ModelName.gpt2_124m)
+"""Decoder-only transformers (``models.gpt``), built by the lm task."""
+IMAGE_MODELS = tuple(m for m in ModelName if m not in LM_MODELS)
+"""The image classifiers :func:`build_model` builds."""
 
 _RESNET_DEPTHS: dict[ModelName, int] = {
     ModelName.resnet20: 20,
@@ -66,6 +73,9 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int = 32) -> nn.
     """
     # Accept the raw string too: recipes merged without the structured schema yield strings.
     name = ModelName(cfg.name)
+    if name in LM_MODELS:
+        raise ValueError(f"model {name.value} is a language model: recipes build it with "
+                         "task.name=lm (localsgd.tasks.lm), from the text's vocabulary")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     min_size = _MIN_IMAGE_SIZE.get(name, 1)

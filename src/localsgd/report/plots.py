@@ -28,7 +28,7 @@ class PlotSpec:
     name: str
     """File stem of the PNG."""
     event: str
-    """Records of this event feed the plot."""
+    """Records of this event feed the plot ("eval": mid-epoch and epoch-end evaluations)."""
     x: str
     y: str
     title: str
@@ -51,6 +51,17 @@ PLOTS: tuple[PlotSpec, ...] = (
              "test accuracy", x_scale=2.0**20),
     PlotSpec("loss_vs_epoch", "epoch", "epoch", "train/loss", "Training loss vs epoch",
              "epoch", "training loss (epoch mean)"),
+    # Language models (records with tokens): validation loss at equal tokens, time, bytes.
+    PlotSpec("val_loss_vs_tokens", "eval", "tokens", "eval/loss",
+             "Validation loss vs tokens", "tokens seen (all workers, millions)",
+             "validation loss (nats per token)", x_scale=1e6, y2="eval/bpb",
+             y2label="bits per byte (dashed)"),
+    PlotSpec("val_loss_vs_time", "eval", "time/wall_s", "eval/loss",
+             "Validation loss vs training time", "wall-clock training time (s)",
+             "validation loss (nats per token)"),
+    PlotSpec("val_loss_vs_bytes", "eval", "comm/bytes", "eval/loss",
+             "Validation loss vs communication", "data communicated per worker (MiB)",
+             "validation loss (nats per token)", x_scale=2.0**20),
     PlotSpec("consensus_vs_step", "sync", "step", "sync/consensus_distance",
              "Consensus distance at each model average", "optimizer step",
              "mean distance of workers to their average", y2="sync/period",
@@ -68,7 +79,9 @@ def secondary(spec: PlotSpec) -> PlotSpec | None:
 # metrics.jsonl, and the later record of the same epoch/step replaces the earlier one.
 # A sync is its step and action: an overlapped run can land a sync and take the final
 # average at the same step.
-_IDENTITY = {"epoch": ("epoch",), "sync": ("step", "sync/action")}
+_IDENTITY = {"epoch": ("epoch",), "sync": ("step", "sync/action"), "eval": ("step",)}
+# Evaluations happen inside epochs ("eval" records) and at epoch ends ("epoch" records).
+_EVENTS = {"eval": ("eval", "epoch")}
 
 
 class PlotError(ValueError):
@@ -88,7 +101,8 @@ def _series(records: list[dict[str, Any]], spec: PlotSpec) -> Series:
     ident = _IDENTITY[spec.event]
     points: dict[tuple[Any, ...], tuple[float, float]] = {}
     for r in records:
-        if r.get("event") == spec.event and spec.x in r and spec.y in r:
+        if r.get("event") in _EVENTS.get(spec.event, (spec.event,)) and spec.x in r \
+                and spec.y in r and (spec.event != "eval" or "tokens" in r):
             key = tuple(r.get(k, r[spec.x]) for k in ident)
             points[key] = (float(r[spec.x]), float(r[spec.y]))
     # By step (or epoch); a tie keeps the order the records were written in.

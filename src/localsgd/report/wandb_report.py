@@ -35,6 +35,25 @@ PANELS: tuple[PanelSpec, ...] = (
     PanelSpec("Local steps per period vs step", "step", ("sync/period",)),
 )
 
+# Language models: validation loss and bits per byte at equal tokens, time and bytes.
+LM_PANELS: tuple[PanelSpec, ...] = (
+    PanelSpec("Validation loss vs tokens", "tokens", ("eval/loss",)),
+    PanelSpec("Validation bits per byte vs tokens", "tokens", ("eval/bpb",)),
+    PanelSpec("Validation loss vs training time (s)", "time/wall_s", ("eval/loss",)),
+    PanelSpec("Validation loss vs bytes communicated per worker", "comm/bytes",
+              ("eval/loss",)),
+    PanelSpec("Training loss (rank 0) vs step", "step", ("train/loss_rank0",)),
+    PanelSpec("Consensus distance at each average vs step", "step",
+              ("sync/consensus_distance",)),
+)
+
+LM_FRONTIER: tuple[tuple[str, str, str], ...] = (
+    ("Final validation loss vs bytes per worker (one point per run)", "comm/bytes",
+     "eval/loss"),
+    ("Final validation loss vs training time (one point per run)", "time/wall_s",
+     "eval/loss"),
+)
+
 # The study's frontier: one point per run, from the runs' summaries.
 FRONTIER: tuple[tuple[str, str, str], ...] = (
     ("Final test accuracy vs bytes per worker (one point per run)", "comm/bytes", "eval/acc"),
@@ -42,11 +61,12 @@ FRONTIER: tuple[tuple[str, str, str], ...] = (
 )
 
 def build_report(project: str, entity: str | None, group: str,
-                 title: str | None = None) -> Any:
+                 title: str | None = None, task: str = "classify") -> Any:
     """The report object: one panel grid over the runs of ``group`` in ``project``.
 
     ``entity`` None leaves it empty; ``save_report`` fills in the account's default entity,
-    which needs the network and so cannot happen here.
+    which needs the network and so cannot happen here. ``task="lm"`` draws the language
+    model panels (validation loss and bits per byte against tokens, time and bytes).
     """
     if "'" in group:
         # wandb-workspaces stores filters as a string with the value in single quotes and
@@ -59,9 +79,9 @@ def build_report(project: str, entity: str | None, group: str,
                        filters=expr.And(expr.Metric("Group") == group))
     panels = [
         wr.LinePlot(title=p.title, x=p.x, y=list(p.y), layout=wr.Layout(w=12, h=8))
-        for p in PANELS
+        for p in (LM_PANELS if task == "lm" else PANELS)
     ] + [wr.ScatterPlot(title=title, x=x, y=y, layout=wr.Layout(w=12, h=8))
-         for title, x, y in FRONTIER]
+         for title, x, y in (LM_FRONTIER if task == "lm" else FRONTIER)]
     return wr.Report(
         project=project,
         entity=entity or "",
@@ -69,6 +89,10 @@ def build_report(project: str, entity: str | None, group: str,
         description=f"Runs of experiment group '{group}' (one W&B run per training launch).",
         blocks=[
             wr.MarkdownBlock(text=(
+                "Validation loss (nats per token) and bits per byte against tokens seen, "
+                "training time and communicated bytes, the training loss and the consensus "
+                "distance; then every run's final validation loss against its bytes and its "
+                "training time." if task == "lm" else
                 "Test accuracy against epochs, training time and communicated bytes, the "
                 "training loss, the consensus distance (mean distance of the worker "
                 "models to their average, measured at every model average) and the length "
@@ -102,10 +126,11 @@ def save_report(report: Any, mode: str | None = None) -> str | None:
 
 
 def report_main(project: str, group: str, entity: str | None = None,
-                title: str | None = None, mode: str | None = None) -> int:
+                title: str | None = None, mode: str | None = None,
+                task: str = "classify") -> int:
     """CLI entry for ``localsgd report``: 0 on success, 1 when W&B refused, 2 without it."""
     try:
-        report = build_report(project, entity, group, title)
+        report = build_report(project, entity, group, title, task)
     except ImportError:
         print("localsgd: error: reports need wandb-workspaces; pip install 'localsgd[wandb]'",
               file=sys.stderr)
@@ -120,8 +145,9 @@ def report_main(project: str, group: str, entity: str | None = None,
               file=sys.stderr)
         return 1
     if url is None:
+        count = len(LM_PANELS if task == "lm" else PANELS)
         print(f"W&B is {resolve_report_mode(mode)}: report '{report.title}' built with "
-              f"{len(PANELS)} panels but not saved; set WANDB_MODE=online to publish it",
+              f"{count} panels but not saved; set WANDB_MODE=online to publish it",
               file=sys.stderr)
         return 0
     print(url)

@@ -35,7 +35,7 @@ class WandbSinkWarning(RuntimeWarning):
 
 # Keys that serve as x axes in dashboards. "step" is the default one; eval/acc can be plotted
 # against each of the others because the epoch record carries them all.
-AXES = ("step", "epoch", "samples", "time/wall_s", "comm/bytes")
+AXES = ("step", "epoch", "samples", "tokens", "time/wall_s", "comm/bytes")
 
 # Default x axis per key prefix. W&B matches globs in arbitrary order (a Go map), so the
 # prefixes must not overlap; exact names (AXES, "lr") take precedence over globs.
@@ -54,6 +54,10 @@ GLOB_AXES = {
 # "sync" record's is one sync's value. In one W&B series they would zig-zag, so the epoch
 # mean gets its own name in W&B (metrics.jsonl keeps the trainer's keys).
 EPOCH_MEAN_DISTANCE = "sync/consensus_distance_epoch_mean"
+
+# Language models evaluate every few steps and compare runs at equal tokens seen: their
+# eval/* series default to the tokens axis instead.
+TOKEN_GLOB_AXES = {**GLOB_AXES, "eval/*": "tokens"}
 
 MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 
@@ -156,7 +160,10 @@ class WandbReporter:
         for axis in AXES[1:]:
             run.define_metric(axis, step_metric="step")
         run.define_metric("lr", step_metric="step")
-        for glob, axis in GLOB_AXES.items():
+        from localsgd.tasks import build_task
+
+        globs = TOKEN_GLOB_AXES if build_task(cfg).unit == "tokens" else GLOB_AXES
+        for glob, axis in globs.items():
             run.define_metric(glob, step_metric=axis)
 
     def _fail(self, what: str, exc: BaseException, finish: bool = True) -> None:

@@ -26,9 +26,13 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} \
+        if getattr(cfg, "no_decay_embeddings", True) else set()
     for p in model.parameters():
-        # BatchNorm weights and all biases are 1-D; the paper applies no weight decay to them.
-        (no_decay if cfg.no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+        # BatchNorm/LayerNorm weights and all biases are 1-D; the paper applies no weight
+        # decay to them. Embedding rows are looked up, not multiplied: decay only shrinks them.
+        exempt = (cfg.no_decay_bn_bias and p.ndim <= 1) or id(p) in embeddings
+        (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -40,19 +44,23 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> torch.opti
 
 def build_scheduler(cfg: LRScheduleConfig, optimizer: torch.optim.Optimizer, base_lr: float,
                     peak_lr: float, steps_per_epoch: int, epochs: int) -> LRScheduler:
-    """Stepped once per optimizer step; warmup goes linearly from base_lr to peak_lr."""
-    warm = round(cfg.warmup_epochs * steps_per_epoch)
-    total = epochs * steps_per_epoch
+    """Stepped once per optimizer step; warmup goes linearly from base_lr (or
+    ``warmup_start`` x peak_lr) to peak_lr, over warmup_steps or warmup_epochs."""
+    warmup_steps = getattr(cfg, "warmup_steps", 0)
+    warm = warmup_steps if warmup_steps > 0 else round(cfg.warmup_epochs * steps_per_epoch)
+    total = getattr(cfg, "total_steps", None) or epochs * steps_per_epoch
     if cfg.decay == LRDecay.multistep:
         after: LRScheduler = MultiStepLR(
             optimizer, [m * steps_per_epoch - warm for m in cfg.milestones], gamma=cfg.gamma)
     elif cfg.decay == LRDecay.cosine:
-        after = CosineAnnealingLR(optimizer, T_max=max(1, total - warm))
+        after = CosineAnnealingLR(optimizer, T_max=max(1, total - warm),
+                                  eta_min=peak_lr * getattr(cfg, "min_lr_ratio", 0.0))
     else:
         after = ConstantLR(optimizer, factor=1.0, total_iters=0)
     if warm == 0:
         return after
-    start = min(1.0, base_lr / peak_lr)
+    given = getattr(cfg, "warmup_start", None)
+    start = min(1.0, base_lr / peak_lr) if given is None else float(given)
     warmup = LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warm)
     return SequentialLR(optimizer, [warmup, after], milestones=[warm])
 

@@ -16,6 +16,8 @@ class TrainState:
     epoch_step: int = 0
     """Optimizer steps completed inside the current epoch (mid-epoch checkpoints)."""
     best_acc: float = 0.0
+    best_loss: float | None = None
+    """Lowest eval/loss so far (None before the first evaluation)."""
     time_to_target: float | None = None
     elapsed: float = 0.0
     """Wall seconds spent before this process started (resumed runs)."""
@@ -27,6 +29,7 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "epoch_step": self.epoch_step, "best_acc": self.best_acc,
+                "best_loss": self.best_loss,
                 "time_to_target": self.time_to_target, "elapsed": self.elapsed,
                 "epoch_seconds": self.epoch_seconds, "epoch_comm_bytes": self.epoch_comm_bytes,
                 "stats": self.stats.cpu()}
@@ -34,6 +37,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.epoch_step = int(state["epoch"]), int(state["epoch_step"])
         self.best_acc, self.time_to_target = float(state["best_acc"]), state["time_to_target"]
+        self.best_loss = state.get("best_loss")
         self.elapsed, self.epoch_seconds = float(state["elapsed"]), float(state["epoch_seconds"])
         self.epoch_comm_bytes = float(state["epoch_comm_bytes"])
         self.stats.copy_(state["stats"])

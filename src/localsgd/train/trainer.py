@@ -17,11 +17,10 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from localsgd.config.errors import ConfigError
-from localsgd.data import DataError, build_datasets, build_eval_loader
+from localsgd.data import DataError, build_eval_loader
 from localsgd.data.device import build_train_pipeline
 from localsgd.engines import EngineContext, build_engine
 from localsgd.launch.env import DistInfo
-from localsgd.models import build_model
 from localsgd.recipe import RecipeConfig, facts, to_yaml
 from localsgd.report.base import Reporters
 from localsgd.report.build import build_reporters
@@ -29,6 +28,7 @@ from localsgd.sync.accounting import CommMeter
 from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.grad_compression import CompressedGrads
 from localsgd.sync.parts import EvalModel
+from localsgd.tasks import build_task
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import LRCurve, build_optimizer, build_scheduler, scaled_lr
@@ -54,6 +54,8 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.merged = False
         """Resumed from a checkpoint of another world size (so not a plain re-launch)."""
+        self.task = build_task(cfg)
+        """The workload: datasets, model, loss and metric names (``localsgd.tasks``)."""
 
     def _agree(self, ok: bool) -> bool:
         """True only if every rank says ok (so all ranks raise together, none hangs)."""
@@ -77,17 +79,16 @@ class Trainer:
             raise ConfigError([f"run.dir: {msg}; choose a writable directory with run.dir=PATH"])
 
     def _load_data(self) -> None:
-        d = self.cfg.data
         error: DataError | None = None
         if self.info.is_main:  # only rank 0 may download; the others wait for it
             try:
-                self.data = build_datasets(d, self.cfg.seed, allow_download=True)
+                self.data = self.task.datasets(allow_download=True)
             except DataError as exc:
                 error = exc
         if not self._agree(error is None):
             raise error or DataError("rank 0 could not load the dataset (see its error)")
         if not self.info.is_main:
-            self.data = build_datasets(d, self.cfg.seed, allow_download=False)
+            self.data = self.task.datasets(allow_download=False)
 
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
@@ -97,8 +98,7 @@ class Trainer:
         self.dtype = getattr(torch, cfg.model.dtype.value)
         # Batches take the model's layout (build_model lays out a channels_last model).
         self.layout = torch.channels_last if cfg.model.channels_last else torch.preserve_format
-        self.model = build_model(cfg.model, self.data.num_classes,
-                                 self.data.image_size).to(self.device, self.dtype)
+        self.model = self.task.model(self.data).to(self.device, self.dtype)
         self.loader, self.sampler = build_train_pipeline(
             self.data, cfg.data, info.rank, info.world_size, cfg.seed, self.device, self.layout)
         self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
@@ -212,12 +212,13 @@ class Trainer:
         """A re-launch of a finished run: one line, nothing rewritten."""
         if not self.info.is_main:
             return
-        acc: Any = None
+        key = "eval/bpb" if self.task.unit == "tokens" else "eval/acc"
+        value: Any = None
         try:
-            acc = json.loads((self.run_dir / "summary.json").read_text()).get("eval/acc")
+            value = json.loads((self.run_dir / "summary.json").read_text()).get(key)
         except (OSError, ValueError):
             pass
-        shown = f"final eval/acc {acc:.4f}" if isinstance(acc, float) else "no summary.json"
+        shown = f"final {key} {value:.4f}" if isinstance(value, float) else "no summary.json"
         print(f"localsgd: {self.run_dir} is already complete (step {self.controller.step}, "
               f"{shown}); to train again use run.resume=false or another run.dir", flush=True)
 
@@ -238,7 +239,7 @@ class Trainer:
             st.epoch_seconds = 0.0
             st.epoch_comm_bytes = self.meter.flat()["comm/bytes"]
         self.engine.train()
-        loss_fn = nn.CrossEntropyLoss()
+        loss_fn = self.task.loss_fn()
         stats = st.stats.to(self.device)
         resumed_at = time.perf_counter()
         batches = iter(self.loader)
@@ -262,6 +263,11 @@ class Trainer:
                         "epoch": st.epoch + st.epoch_step / self.steps_per_epoch,
                         "train/loss_rank0": loss, "lr": self.optimizer.param_groups[0]["lr"],
                         "time/wall_s": time.perf_counter() - start})
+            evals = cfg.train.eval_every_steps
+            if evals and self.controller.step % evals == 0 and (
+                    st.epoch_step < self.steps_per_epoch and not self._done()):
+                # Before a checkpoint of the same step, which then holds its RNG draws.
+                self._eval_record(start)
             if every and self.controller.step % every == 0 and (
                     st.epoch_step < self.steps_per_epoch and not self._done()):
                 # Epoch ends save in _end_epoch, after the epoch's records are complete.
@@ -284,13 +290,12 @@ class Trainer:
         sync = self.controller.grad_sync()
         for micro in range(accum):
             with self.timer.phase("data"):
-                x, y = next(batches)
-                x = x.to(self.device, self.dtype, non_blocking=True, memory_format=self.layout)
-                y = y.to(self.device, non_blocking=True)
+                x, y = self.task.to_device(*next(batches), self.device, self.dtype,
+                                           self.layout)
             loss, logits = self.engine.forward_backward(
                 x, y, loss_fn, 1.0 / accum, sync and micro == accum - 1, self.timer)
             stats[0] += loss.double() * y.numel()
-            stats[1] += (logits.argmax(1) == y).sum()
+            stats[1] += (logits.argmax(-1) == y).sum()
             stats[2] += y.numel()
         with self.timer.phase("comm_opt"):
             self.engine.optimizer_step()
@@ -316,16 +321,18 @@ class Trainer:
         distances = [d / info.world_size for d in packed[3:]]
         record: dict[str, Any] = {
             "event": "epoch", "epoch": st.epoch, "step": self.controller.step,
-            "samples": self.controller.step * info.world_size * cfg.data.batch_size
-            * cfg.train.grad_accum,
-            "train/loss": loss_sum / max(count, 1), "train/acc": correct / max(count, 1),
+            **self._progress(),
+            **self.task.metrics("train", loss_sum, correct, count),
             "lr": self.optimizer.param_groups[0]["lr"],
             "sync/phase": self.schedule.phase(max(self.controller.step - 1, 0)),
             "sync/period": self.schedule.effective_period(max(self.controller.step - 1, 0)),
             "sync/count": len(events),
-            "throughput/samples_per_s": count / max(st.epoch_seconds, 1e-9),
+            "throughput/samples_per_s": count / self.task.units_per_sample()
+            / max(st.epoch_seconds, 1e-9),
             **self.timer.pop(),
         }
+        if self.task.unit == "tokens":
+            record["throughput/tokens_per_s"] = count / max(st.epoch_seconds, 1e-9)
         measured = [d for d in distances if not math.isnan(d)]
         if measured:  # gossip syncs that were not measured carry nan
             record["sync/consensus_distance"] = sum(measured) / len(measured)
@@ -334,11 +341,7 @@ class Trainer:
         record["comm/epoch_bytes"] = comm_now["comm/bytes"] - st.epoch_comm_bytes
         if st.epoch % cfg.train.eval_every_epochs == 0 or self._done():
             record.update(self._evaluate())
-            acc = record["eval/acc"]
-            st.best_acc = max(st.best_acc, acc)
-            if (cfg.train.target_acc is not None and st.time_to_target is None
-                    and acc >= cfg.train.target_acc):
-                st.time_to_target = time.perf_counter() - start
+            self._track(record, start)
         st.elapsed = time.perf_counter() - start
         record["time/wall_s"] = st.elapsed
         self._log_syncs(events, distances)
@@ -347,6 +350,38 @@ class Trainer:
         if (every and (st.epoch % every == 0 or self._done())) or (
                 every_steps and self.controller.step % every_steps == 0):
             self._save_checkpoint()
+
+    def _progress(self) -> dict[str, Any]:
+        """Samples (and tokens) consumed so far over all workers, for the x axes."""
+        samples = self.controller.step * self.info.world_size * self.cfg.data.batch_size \
+            * self.cfg.train.grad_accum
+        out: dict[str, Any] = {"samples": samples}
+        if self.task.unit == "tokens":
+            out["tokens"] = samples * self.task.units_per_sample()
+        return out
+
+    def _track(self, evaluated: dict[str, Any], start: float) -> None:
+        """Best values so far and the first time the targets were met."""
+        st, t = self.state, self.cfg.train
+        acc, loss = evaluated["eval/acc"], evaluated["eval/loss"]
+        st.best_acc = max(st.best_acc, acc)
+        st.best_loss = loss if st.best_loss is None else min(st.best_loss, loss)
+        if st.time_to_target is None and (t.target_acc is not None or t.target_loss is not None) \
+                and (t.target_acc is None or acc >= t.target_acc) \
+                and (t.target_loss is None or loss <= t.target_loss):
+            st.time_to_target = time.perf_counter() - start
+
+    def _eval_record(self, start: float) -> None:
+        """A mid-epoch evaluation (train.eval_every_steps), logged as an "eval" record."""
+        st = self.state
+        record: dict[str, Any] = {
+            "event": "eval", "step": self.controller.step,
+            "epoch": st.epoch + st.epoch_step / self.steps_per_epoch, **self._progress(),
+            **self._evaluate()}
+        self._track(record, start)
+        record["comm/bytes"] = self.meter.flat()["comm/bytes"]
+        record["time/wall_s"] = time.perf_counter() - start
+        self.reporters.log(record)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         packed = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -380,17 +415,20 @@ class Trainer:
         with self.meter.timed("other", totals.numel() * totals.element_size()):
             dist.all_reduce(totals)
         loss_sum, correct, count = totals.tolist()
-        self.last_eval = {"eval/loss": loss_sum / count, "eval/acc": correct / count,
+        # Sums over ranks, then one division: the exact mean over every held-out unit.
+        self.last_eval = {**self.task.metrics("eval", loss_sum, correct, count),
                           "eval/model": self.cfg.sync.eval_model.value}
         return dict(self.last_eval)
 
     def _finish(self, wall: float) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
-        samples = self.controller.step * info.world_size * cfg.data.batch_size \
-            * cfg.train.grad_accum
+        progress = self._progress()
+        samples = progress["samples"]
+        final = {k: v for k, v in self.last_eval.items() if k != "eval/model"}
         summary: dict[str, Any] = {
             "eval/acc": self.last_eval.get("eval/acc"), "eval/best_acc": self.state.best_acc,
-            "eval/loss": self.last_eval.get("eval/loss"),
+            "eval/loss": self.last_eval.get("eval/loss"), **final,
+            "eval/best_loss": self.state.best_loss, **progress,
             "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
             "step": self.controller.step, "epoch": self.state.epoch,
             "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm,
@@ -399,6 +437,8 @@ class Trainer:
             "sync/extra_bytes": self.controller.extra_bytes(),
             **self.meter.flat(),
         }
+        if "tokens" in progress:
+            summary["throughput/tokens_per_s"] = progress["tokens"] / max(wall, 1e-9)
         if info.is_main:
             torch.save(self.engine.module.state_dict(), self.run_dir / "model.pt")
             self.reporters.summary(summary)
