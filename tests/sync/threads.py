@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from localsgd.launch.env import DistInfo
-from localsgd.registry import Part
+from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.parts import REDUCERS, TOPOLOGIES
@@ -101,6 +102,10 @@ class Threads(Part):
     name = "threads"
     mean_reducer = "threads"
     """Parts that form no exact average (compressed) take the exact one through this."""
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({ALL_WORKERS, NODE_GROUPS})
 
     def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
         assert _world is not None

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from localsgd.registry import Registry, Section
+from localsgd.sync.capabilities import problems as capability_problems
 
 
 class MomentumPolicy(str, Enum):
@@ -102,4 +103,4 @@ def topology_gossips(cfg: Any) -> bool | None:
 
 
 SECTION = Section("sync", SyncCommon, {key: reg for key, reg in PART_KINDS.values()},
-                  resolve=_resolve)
+                  resolve=_resolve, combine=capability_problems)

@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from localsgd.registry import Part
+from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import FIXED_PERIOD
 from localsgd.sync.parts import PERIOD_RULES
 
 
 @PERIOD_RULES.register
 class Fixed(Part):
     name = "fixed"
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({FIXED_PERIOD})
 
     def __init__(self, cfg: Any, lr_at: Callable[[int], float] | None = None) -> None:
         self.start = 0

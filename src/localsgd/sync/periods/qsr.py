@@ -18,6 +18,7 @@ from typing import Any
 
 from localsgd.config.errors import ConfigError
 from localsgd.registry import Facts, need
+from localsgd.sync.capabilities import RULED_PERIOD
 from localsgd.sync.parts import PERIOD_RULES
 from localsgd.sync.periods.fixed import Fixed
 
@@ -60,10 +61,15 @@ class QSR(Fixed):
         check(cfg.qsr_alpha is not None and cfg.qsr_alpha > 0,
               f"sync.qsr_alpha: sync.period_rule=qsr needs a positive alpha, got "
               f"{cfg.qsr_alpha}")
-        check(cfg.algorithm in ("local", "post_local"),
-              f"sync.period_rule: qsr sets the period of sync.algorithm=local|post_local, not "
-              f"{cfg.algorithm}")
         return problems
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset()
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({RULED_PERIOD})
 
     def bind(self, start: int, base: int) -> None:
         super().bind(start, base)

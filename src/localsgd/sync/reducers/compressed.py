@@ -35,9 +35,10 @@ import torch.distributed as dist
 
 from localsgd.registry import Facts, Part, need
 from localsgd.sync.buckets import flat_view
+from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS, LANDS_NOW
 from localsgd.sync.codecs.base import CODECS, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
-from localsgd.sync.parts import REDUCERS, topology_gossips
+from localsgd.sync.parts import REDUCERS
 
 
 @dataclass
@@ -136,18 +137,17 @@ class Compressed(Part):
         if keys.method == "none":
             p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
                      "topk, randomk, qsgd or bf16); or use sync.reducer=auto")
-        if topology_gossips(cfg):
-            p.append(f"sync.compression.method: {keys.method} with sync.topology="
-                     f"{cfg.topology} is not supported: compressed payloads are all-gathered "
-                     "from every worker; use sync.topology=complete")
-        if getattr(cfg, "overlap_steps", 0) > 0:
-            p.append(f"sync.compression.method: {keys.method} cannot run overlapped yet (the "
-                     "anchor would move under the average in flight); use "
-                     "sync.overlap_steps=0")
-        if cfg.update != "copy":
-            p.append(f"sync.update: {cfg.update} with compressed averages is not supported; "
-                     "use sync.update=copy")
         return p
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({CONSENSUS})
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        # Payloads are all-gathered from every worker; the overlapped path launches plain
+        # chunks without the per-parameter spans the codecs and residuals need.
+        return frozenset({ALL_WORKERS, LANDS_NOW})
 
     def __init__(self, cfg: Any) -> None:
         self.keys = cfg.compression

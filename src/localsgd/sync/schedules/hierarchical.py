@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localsgd.registry import Facts
+from localsgd.sync.capabilities import NODE_GROUPS
 from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import (
     GLOBAL,
@@ -36,6 +37,10 @@ class Hierarchical(Schedule):
     Config = HierarchicalKeys
     scopes = (NODE, GLOBAL)
     block_period: int = 1
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({NODE_GROUPS})
 
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:

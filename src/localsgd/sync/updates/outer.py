@@ -29,6 +29,7 @@ import torch
 
 from localsgd.registry import Facts, need
 from localsgd.sync.buckets import flat_view
+from localsgd.sync.capabilities import CONSENSUS, MODEL_AVERAGES
 from localsgd.sync.parts import UPDATES
 from localsgd.sync.updates.base import Update
 
@@ -72,10 +73,11 @@ class Outer(Update):
         check(0 <= o.momentum < 1, f"sync.outer.momentum: must be in [0, 1), got {o.momentum}")
         check(not o.nesterov or o.momentum > 0,
               "sync.outer.nesterov: Nesterov needs sync.outer.momentum > 0")
-        check(facts.local_steps, f"sync.update: outer steps on model averages, and "
-              f"sync.algorithm={facts.algorithm} never averages models; use local, post_local "
-              "or hierarchical")
         return problems
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({MODEL_AVERAGES, CONSENSUS})
 
     def __init__(self, cfg: Any) -> None:
         o = cfg.outer
