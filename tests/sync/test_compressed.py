@@ -194,7 +194,9 @@ def test_hierarchical_averages_nodes_exactly_and_compresses_across_them(
     (["sync.algorithm=local", "sync.compression.method=sign", "sync.topology=ring"],
      "sync.reducer=compressed with sync.topology=ring: compressed needs all_workers"),
     (["sync.algorithm=local", "sync.period=4", "sync.compression.method=sign",
-      "sync.overlap_steps=1"], "sync.reducer=compressed with sync.runner=overlapped: compressed needs lands_now"),
+      "sync.overlap_steps=1"],
+     "sync.reducer=compressed with sync.runner=overlapped: "
+     "compressed needs lands_now"),
     (["sync.algorithm=local", "sync.compression.method=sign", "sync.consensus_every=-2"],
      "sync.consensus_every: must be >= 0"),
     (["sync.algorithm=post_local", "sync.switch_epoch=1", "sync.compression.method=ef_sign",

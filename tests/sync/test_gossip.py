@@ -217,12 +217,18 @@ def test_gossip_recipes_choose_their_reducer() -> None:
 
 @pytest.mark.parametrize(("overrides", "text"), [
     (["sync.algorithm=hierarchical", "sync.period=2", "sync.block_period=2",
-      "sync.topology=ring"], "sync.algorithm=hierarchical with sync.topology=ring: hierarchical needs node_groups"),
-    (["sync.topology=torus"], "sync.topology=torus with sync.algorithm=minibatch: torus needs model_averages"),
+      "sync.topology=ring"],
+     "sync.algorithm=hierarchical with sync.topology=ring: "
+     "hierarchical needs node_groups"),
+    (["sync.topology=torus"],
+     "sync.topology=torus with sync.algorithm=minibatch: "
+     "torus needs model_averages"),
     (["sync.algorithm=local", "sync.topology=ring", "sync.update=outer"],
      "sync.update=outer with sync.reducer=gossip: outer needs consensus"),
     (["sync.algorithm=local", "sync.period=4", "sync.topology=ring", "sync.fragments=2",
-      "sync.overlap_steps=1"], "sync.topology=ring with sync.runner=overlapped: ring needs whole_syncs"),
+      "sync.overlap_steps=1"],
+     "sync.topology=ring with sync.runner=overlapped: "
+     "ring needs whole_syncs"),
     (["sync.algorithm=local", "sync.topology=ring", "sync.reducer=mean"],
      "sync.reducer=mean with sync.topology=ring: mean needs all_workers"),
     (["sync.algorithm=local", "sync.reducer=gossip"],

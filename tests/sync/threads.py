@@ -21,8 +21,8 @@ import torch
 
 from localsgd.launch.env import DistInfo
 from localsgd.registry import Facts, Part
-from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.accounting import CommMeter
+from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.parts import REDUCERS, TOPOLOGIES
 from localsgd.sync.reducers.mean import Mean
