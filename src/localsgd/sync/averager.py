@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from localsgd.sync.accounting import CommMeter
+from localsgd.sync.anchor import Anchor
 from localsgd.sync.buckets import Bucketer, flat_view, floating_groups
+from localsgd.sync.reducers.base import DELTA
 
 
 @dataclass
@@ -71,10 +73,13 @@ class InFlight:
 
 
 class Averager:
-    def __init__(self, meter: CommMeter, bucketer: Bucketer, reducer: Any) -> None:
+    def __init__(self, meter: CommMeter, bucketer: Bucketer, reducer: Any,
+                 anchor: Anchor | None = None) -> None:
         self.meter = meter
         self.bucketer = bucketer
         self.reducer = reducer
+        self.anchor = anchor
+        """The sync's anchor, which a reducer carrying pseudo-gradients needs."""
 
     def average(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None,
                 size: int, kind: str = "average", params: int = 0, update: Any = None,
@@ -95,6 +100,9 @@ class Averager:
             raise ValueError("out must have the memory layout of tensors (e.g. both "
                              "channels_last)")
         dst = [flat_view(t.detach()) for t in targets]
+        if self.reducer.carries == DELTA:
+            self._average_delta(tensors, group, size, self.reducer.kind(kind), update, dst)
+            return math.nan
         sq = 0.0
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
@@ -113,6 +121,28 @@ class Averager:
                 else:
                     target.copy_(reduced)
         return self._distance(sq)
+
+    def _average_delta(self, params: list[torch.Tensor], group: Any, size: int, kind: str,
+                       update: Any, dst: list[torch.Tensor]) -> None:
+        """The bucket holds Delta = anchor - theta (parameters only); the reducer returns
+        its reduced Delta, which the update applies and moves the anchor by."""
+        if self.anchor is None or not self.anchor or update is None:
+            raise RuntimeError("a reducer carrying pseudo-gradients needs the sync's anchor "
+                               "and an update; the controller takes both before a sync")
+        anchor = self.anchor.tensors
+        for bucket in self.bucketer.fill(params):
+            for s in bucket.slices:
+                a = anchor[s.index][s.start:s.start + s.packed.numel()]
+                torch.sub(a.to(s.packed.device), s.packed, out=s.packed)
+            nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
+            with self.meter.timed(kind, nbytes):
+                work = self.reducer.start(bucket.flat, group, bucket.slices)
+                result = self.reducer.finish(work, bucket.flat, size)
+            for s in bucket.slices:
+                n = s.local.numel()
+                update.apply_delta(s.index, s.start, s.local, result[s.pos:s.pos + n],
+                                   anchor[s.index][s.start:s.start + n],
+                                   dst[s.index][s.start:s.start + n])
 
     def _distance(self, sq: float) -> float:
         return math.sqrt(sq) if getattr(self.reducer, "exact", True) else math.nan

@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from localsgd.registry import Facts, Part
+from localsgd.registry import Facts
 from localsgd.sync.capabilities import NEIGHBOURS
 from localsgd.sync.parts import REDUCERS
+from localsgd.sync.reducers.base import Reducer
 
 
 @REDUCERS.register
-class GossipMix(Part):
+class GossipMix(Reducer):
     name = "gossip"
     exact = False
     """The result is a neighbourhood's weighted mean, not the mean of every worker."""

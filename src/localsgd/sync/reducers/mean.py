@@ -12,13 +12,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd.registry import Facts, Part
+from localsgd.registry import Facts
 from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
 from localsgd.sync.parts import REDUCERS
+from localsgd.sync.reducers.base import Reducer
 
 
 @REDUCERS.register
-class Mean(Part):
+class Mean(Reducer):
     name = "mean"
     exact = True
     """The result is the mean of every worker of the group."""
