@@ -18,6 +18,7 @@ from helpers import assert_refused
 from procs import Record, Scenario, run_processes
 
 from localsgd.sync.reducers.compressed import CompressionKeys
+from localsgd.sync.updates.outer import OuterOptimizerKeys
 
 K = 4
 SEGMENTS = [(0, 40), (40, 61), (61, 66)]  # FakeTarget's parameters: (40,), (7, 3), (5,)
@@ -42,6 +43,11 @@ SCENARIOS = [
     Scenario("hier", {"algorithm": "hierarchical", "period": 1, "block_period": 2,
                       "compression": CompressionKeys(method="ef_sign")},
              steps=4, local_world=2),
+    # DiLoCo with a compressed outer gradient (Nesterov), resumed mid-period from one anchor.
+    Scenario("ef_sign_outer", local("ef_sign", update="outer",
+                                    outer=OuterOptimizerKeys(lr=0.7, momentum=0.9,
+                                                             nesterov=True)),
+             steps=6, resume_at=3),
     # Resumes with another codec (mid-period) and with compression turned on (at a boundary).
     Scenario("ef_sign_to_bf16", local("ef_sign"), steps=6, resume_at=3,
              resume_with=local("bf16")),
@@ -143,6 +149,34 @@ def test_random_codecs_leave_every_worker_on_the_same_model(
     for t in (1, 3):
         assert all(np.array_equal(r.after[t].numpy(), recs[0].after[t].numpy()) for r in recs)
         assert not np.array_equal(recs[0].after[t].numpy(), recs[1].before[t].numpy())
+
+
+def test_ef_sign_under_a_nesterov_outer_step_follows_the_rule(
+        ranks: list[dict[str, Record]]) -> None:
+    """Delta = mean_i C(anchor - theta_i + r_i), u <- 0.9 u + Delta, anchor -= 0.7 (Delta +
+    0.9 u): gamma is 1 here (no inner LR schedule), so both conventions agree."""
+    recs = [r["ef_sign_outer"] for r in ranks]
+    anchor, u = _initial(recs), np.zeros(66)
+    residual = [np.zeros(66) for _ in recs]
+    for t in range(6):
+        before = np.stack([r.before[t].numpy() for r in recs])
+        after = np.stack([r.after[t].numpy() for r in recs])
+        if (t + 1) % 2:
+            np.testing.assert_array_equal(after, before)
+            continue
+        sent = []
+        for i in range(K):
+            m = anchor - before[i] + residual[i]
+            sent.append(scaled_sign(m))
+            residual[i] = m - sent[-1]
+        delta = np.mean(sent, axis=0)
+        u = 0.9 * u + delta
+        anchor = anchor - 0.7 * (delta + 0.9 * u)
+        for row in after:
+            np.testing.assert_allclose(row, anchor, rtol=1e-9, atol=1e-12)
+    for rec in recs:
+        assert all(np.array_equal(a.numpy(), b.numpy())
+                   for a, b in zip(rec.after[3:], rec.resumed_after, strict=True))
 
 
 def test_bytes_are_the_packed_payloads(ranks: list[dict[str, Record]]) -> None:

@@ -309,13 +309,19 @@ class SyncController:
                 for s, d in zip(src, dst, strict=True):
                     d.copy_(s)
 
-    def extra_bytes(self) -> int:
-        """The most memory syncs held besides the model: averaging buckets, whatever an
-        overlapped runner kept in flight (snapshots and buffers being reduced) and what a
-        reducer keeps between syncs (a compressed reducer's anchor and residuals)."""
+    def extra_memory(self) -> dict[str, int]:
+        """What ``extra_bytes`` adds up, by what holds it: averaging buckets, the most an
+        overlapped runner kept in flight (snapshots and buffers being reduced), the sync's
+        anchor, the update's state (outer momentum) and the reducer's (error-feedback
+        residuals)."""
         buckets = sum(b.numel() * b.element_size() for b in self.averager.bucketer.buffers.values())
-        return (buckets + self.runner.peak_bytes + self.reducer.held_bytes()
-                + (self.anchor.nbytes() if self.anchor is not None else 0))
+        return {"buckets": buckets, "in_flight": self.runner.peak_bytes,
+                "anchor": self.anchor.nbytes() if self.anchor is not None else 0,
+                "update": self.update.held_bytes(), "reducer": self.reducer.held_bytes()}
+
+    def extra_bytes(self) -> int:
+        """The most memory syncs held besides the model (``extra_memory``, summed)."""
+        return sum(self.extra_memory().values())
 
     def pop_events(self) -> list[SyncEvent]:
         events, self.events = self.events, []

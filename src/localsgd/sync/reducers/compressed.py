@@ -188,9 +188,13 @@ class Compressed(Reducer):
             payload = self.feedback.compress(key, flat, self.codec, segments, gen)
         else:
             payload = self.codec.encode(flat, segments, gen)
-        world = dist.get_world_size(group)
-        work, gathered = exchange(payload, group, world)
+        work, gathered = self.gather(payload, group)
         return Pending(work, gathered, segments)
+
+    def gather(self, payload: Payload, group: Any) -> tuple[Any, torch.Tensor]:
+        """Start the all-gather of this worker's payload over ``group``: (work, bytes of
+        every worker's payload in rank order)."""
+        return exchange(payload, group, dist.get_world_size(group))
 
     def finish(self, work: Pending, flat: torch.Tensor, size: int) -> torch.Tensor:
         work.work.wait()

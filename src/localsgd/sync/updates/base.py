@@ -45,6 +45,10 @@ class Update(Part):
         self.apply(index, start, local, reduced.to(out.device), out)
         anchor.copy_(reduced)
 
+    def held_bytes(self) -> int:
+        """Memory this update keeps between syncs besides the anchor (outer momentum)."""
+        return 0
+
     def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
         """Every worker holds ``params`` after ``step`` steps, and local steps follow."""
 

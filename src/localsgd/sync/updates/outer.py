@@ -141,8 +141,9 @@ class Outer(Update):
         self.anchor = anchor
 
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor.tensors, "velocity": self.velocity,
-                "anchor_step": self.anchor.step}
+        # Copies: the anchor and momentum move in place at every sync.
+        return {"anchor": [a.clone() for a in self.anchor.tensors],
+                "velocity": [v.clone() for v in self.velocity], "anchor_step": self.anchor.step}
 
     def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
         """A checkpoint without an anchor (written with sync.update=copy) is continued from

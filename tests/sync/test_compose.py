@@ -1,0 +1,131 @@
+"""Parts that compose: compressed pseudo-gradients under an outer optimizer, in the thread tier.
+
+Each run is replayed here in float64 numpy from the workers' recorded parameters before
+every sync, following the rules as the papers state them and independently of the
+package: the pseudo-gradient d_i = anchor - theta_i, error feedback m_i = d_i + r_i with
+the per-tensor scaled sign C (mean |m| times the sign, 0 counting as +), r_i = m_i - C(m_i),
+Delta = mean_i C(m_i), then the outer step (SlowMo's convention divides by the inner LR
+gamma and steps by alpha * gamma; DiLoCo's does neither):
+
+    u <- beta * u + Delta / gamma,   d = Delta / gamma + beta * u (Nesterov) or u,
+    anchor <- anchor - alpha * gamma * d,   every worker takes the anchor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from threads import FakeTarget, Worker, run_workers
+
+from localsgd.sync.config import SyncConfig
+from localsgd.sync.reducers.compressed import CompressionKeys
+from localsgd.sync.updates.outer import OuterOptimizerKeys
+
+SEGMENTS = [(0, 40), (40, 61), (61, 66)]  # FakeTarget's parameters: (40,), (7, 3), (5,)
+
+
+def lr_at(step: int) -> float:
+    """An inner learning rate that changes every step, so gamma's convention matters."""
+    return 0.1 / (1 + 0.25 * step)
+
+
+def scaled_sign(m: np.ndarray) -> np.ndarray:
+    out = np.empty_like(m)
+    for a, b in SEGMENTS:
+        scale = np.float32(np.abs(m[a:b]).mean())
+        out[a:b] = float(scale) * np.where(m[a:b] >= 0, 1.0, -1.0)
+    return out
+
+
+def compressed_outer(alpha: float, beta: float, nesterov: bool, scaled: bool,
+                     **kw: object) -> SyncConfig:
+    keys = {"algorithm": "local", "period": 2, **kw}
+    return SyncConfig(topology="threads", reducer="threads_compressed",  # type: ignore[arg-type]
+                      compression=CompressionKeys(method="ef_sign"), update="outer",
+                      outer=OuterOptimizerKeys(lr=alpha, momentum=beta, nesterov=nesterov,
+                                               scale_by_inner_lr=scaled), **keys)
+
+
+class Replay:
+    """The compressed outer optimizer in numpy: anchor, residuals, outer momentum."""
+
+    def __init__(self, world: int, alpha: float, beta: float, nesterov: bool,
+                 scaled: bool) -> None:
+        self.anchor = FakeTarget(0).flat().numpy().copy()
+        self.residual = [np.zeros_like(self.anchor) for _ in range(world)]
+        self.u = np.zeros_like(self.anchor)
+        self.alpha, self.beta, self.nesterov, self.scaled = alpha, beta, nesterov, scaled
+
+    def sync(self, before: np.ndarray, steps_done: int) -> np.ndarray:
+        sent = []
+        for i, theta in enumerate(before):
+            m = self.anchor - theta + self.residual[i]
+            c = scaled_sign(m)
+            self.residual[i] = m - c
+            sent.append(c)
+        gamma = lr_at(steps_done - 1) if self.scaled else 1.0
+        g = np.mean(sent, axis=0) / gamma
+        self.u = self.beta * self.u + g
+        d = g + self.beta * self.u if self.nesterov else self.u
+        self.anchor = self.anchor - self.alpha * gamma * d
+        return self.anchor
+
+
+def stacked(workers: list[Worker], t: int, after: bool = False) -> np.ndarray:
+    return np.stack([(w.after if after else w.before)[t].numpy() for w in workers])
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize(("alpha", "beta", "nesterov", "scaled"), [
+    (0.7, 0.0, False, True),   # outer SGD, SlowMo's convention
+    (0.7, 0.9, True, False),   # DiLoCo: Nesterov on Delta itself
+    (1.0, 0.5, False, True),   # SlowMo heavy ball
+])
+def test_compressed_outer_steps_follow_the_replay(world: int, alpha: float, beta: float,
+                                                  nesterov: bool, scaled: bool) -> None:
+    workers, _ = run_workers(compressed_outer(alpha, beta, nesterov, scaled), steps=8,
+                             world=world, local_world=2, lr_at=lr_at)
+    replay = Replay(world, alpha, beta, nesterov, scaled)
+    for t in range(8):
+        before, after = stacked(workers, t), stacked(workers, t, after=True)
+        if (t + 1) % 2:
+            np.testing.assert_array_equal(after, before)
+            continue
+        expected = replay.sync(before, t + 1)
+        for row in after:
+            np.testing.assert_allclose(row, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_one_anchor_serves_reducer_and_update_and_plain_local_sgd_keeps_none() -> None:
+    workers, _ = run_workers(compressed_outer(0.7, 0.9, True, False), steps=4, world=4,
+                             lr_at=lr_at)
+    ctl = workers[0].controller
+    assert ctl.anchor is not None
+    assert ctl.anchor is ctl.reducer.anchor is ctl.update.anchor  # type: ignore[attr-defined]
+    anchor = ctl.anchor.nbytes()
+    assert anchor == 66 * 8
+    residuals = ctl.reducer.held_bytes()
+    assert residuals == 66 * 8  # error feedback: one residual per parameter element
+    buckets = sum(b.numel() * b.element_size() for b in ctl.averager.bucketer.buffers.values())
+    assert ctl.extra_bytes() == buckets + anchor + residuals + ctl.update.held_bytes()
+    plain, _ = run_workers(SyncConfig(topology="threads", reducer="threads",  # type: ignore[arg-type]
+                                      algorithm="local", period=2), steps=4, world=4)
+    assert plain[0].controller.anchor is None
+
+
+def test_hierarchical_exact_in_nodes_compressed_across_outer_at_global_syncs() -> None:
+    cfg = compressed_outer(0.7, 0.9, True, True, algorithm="hierarchical", period=1,
+                           block_period=2)
+    workers, _ = run_workers(cfg, steps=6, world=4, local_world=2, lr_at=lr_at)
+    replay = Replay(4, 0.7, 0.9, True, True)
+    for t in range(6):
+        before, after = stacked(workers, t), stacked(workers, t, after=True)
+        if (t + 1) % 2:  # a node average: exact, no outer step, no compression
+            for node in (0, 2):
+                mean = before[node:node + 2].mean(axis=0)
+                for row in after[node:node + 2]:
+                    np.testing.assert_allclose(row, mean, rtol=0, atol=1e-12)
+            continue
+        expected = replay.sync(before, t + 1)
+        for row in after:
+            np.testing.assert_allclose(row, expected, rtol=1e-9, atol=1e-12)
