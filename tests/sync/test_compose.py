@@ -129,3 +129,81 @@ def test_hierarchical_exact_in_nodes_compressed_across_outer_at_global_syncs() -
         expected = replay.sync(before, t + 1)
         for row in after:
             np.testing.assert_allclose(row, expected, rtol=1e-9, atol=1e-12)
+
+
+def replay_overlapped(workers: list[Worker], replay: Replay, period: int, tau: int,
+                      fragments: list[slice], steps: int) -> None:
+    """Fragment f of the sync after s steps starts after s + f * period / F steps from the
+    snapshot then, and lands tau steps later: theta += (new anchor - snapshot) on its
+    slice; nothing else moves the parameters. Later fragments of a sync read the anchor
+    as the earlier ones left it (their slices do not overlap)."""
+    gap = period // len(fragments)
+    starts = {s + f * gap: part for s in range(period, steps + 1, period)
+              for f, part in enumerate(fragments)}
+    flying: dict[int, tuple[slice, np.ndarray, np.ndarray]] = {}
+    for t in range(steps):
+        done = t + 1
+        before, after = stacked(workers, t), stacked(workers, t, after=True)
+        expected = before.copy()
+        if done in flying:
+            part, snap, new = flying.pop(done)
+            expected[:, part] += new - snap
+        if done in starts:
+            part = starts[done]
+            snap = before[:, part].copy()
+            # The outer step happens when the fragment lands: gamma is the LR of the last
+            # local step before that.
+            flying[done + tau] = (part, snap, replay.sync_part(part, snap, done + tau))
+        for row, want in zip(after, expected, strict=True):
+            np.testing.assert_allclose(row, want, rtol=1e-9, atol=1e-12)
+
+
+def _sync_part(self: Replay, part: slice, snap: np.ndarray, steps_done: int) -> np.ndarray:
+    """Replay.sync on the elements ``part`` only (a fragment)."""
+    sent = []
+    for i, theta in enumerate(snap):
+        m = self.anchor[part] - theta + self.residual[i][part]
+        c = scaled_sign_of(m, part)
+        self.residual[i][part] = m - c
+        sent.append(c)
+    gamma = lr_at(steps_done - 1) if self.scaled else 1.0
+    g = np.mean(sent, axis=0) / gamma
+    self.u[part] = self.beta * self.u[part] + g
+    d = g + self.beta * self.u[part] if self.nesterov else self.u[part]
+    self.anchor[part] = self.anchor[part] - self.alpha * gamma * d
+    return self.anchor[part].copy()
+
+
+Replay.sync_part = _sync_part  # type: ignore[attr-defined]
+
+
+def scaled_sign_of(m: np.ndarray, part: slice) -> np.ndarray:
+    """The scaled sign of the elements ``part`` of the flat parameters, tensor by tensor."""
+    full = np.zeros(66)
+    full[part] = m
+    return scaled_sign(full)[part]
+
+
+COPY = (1.0, 0.0, False, True)
+"""An outer step with lr 1 and no momentum: the copy update, replayed by the same rule."""
+
+
+@pytest.mark.parametrize("world", [4, 8])
+@pytest.mark.parametrize(("update", "tau"), [("copy", 1), ("copy", 3), ("outer", 2)])
+def test_compressed_overlapped_lands_the_replayed_correction(world: int, update: str,
+                                                             tau: int) -> None:
+    alpha, beta, nesterov, scaled = (0.7, 0.9, True, True) if update == "outer" else COPY
+    cfg = compressed_outer(alpha, beta, nesterov, scaled, period=4, overlap_steps=tau)
+    cfg.update = update
+    workers, _ = run_workers(cfg, steps=12, world=world, local_world=2, lr_at=lr_at)
+    replay_overlapped(workers, Replay(world, alpha, beta, nesterov, scaled), 4, tau,
+                      [slice(0, 66)], 12)
+
+
+def test_compressed_fragments_land_each_fragment_on_its_own_anchor_slice() -> None:
+    cfg = compressed_outer(0.7, 0.9, True, False, period=4, overlap_steps=1, fragments=2)
+    workers, _ = run_workers(cfg, steps=12, world=4, local_world=2, lr_at=lr_at)
+    # Tensors of sizes 40, 21, 5 (then buffers 3 and 1) go to the fragment holding their
+    # middle element: the first parameter alone, then the other two.
+    replay_overlapped(workers, Replay(4, 0.7, 0.9, True, False), 4, 1,
+                      [slice(0, 40), slice(40, 66)], 12)

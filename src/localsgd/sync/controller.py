@@ -137,14 +137,18 @@ class SyncJob:
     def start(self, select: Collection[int] | None = None) -> InFlight:
         """Launch the average of the tensors with an index in ``select`` (default all)."""
         measured = self._measured()
-        flight = self.ctl.averager.start(self.tensors()[0],
-                                         *self.ctl.topology.group(self.action), select=select)
+        tensors, params, _ = self.tensors()
+        flight = self.ctl.averager.start(tensors, *self.ctl.topology.group(self.action),
+                                         select=select, params=params,
+                                         rest=self.ctl.exact.reducer)
         flight.measured = measured
         return flight
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
         distance = self.ctl.averager.apply(flight, tensors, params, self._update(), buffers)
+        if self.action == GLOBAL and self.ctl.anchor is not None:
+            self.ctl.anchor.step = self.step
         self._applied()
         return distance
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from localsgd.registry import Facts, need
 from localsgd.sync.anchor import Anchor
-from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS, LANDS_NOW
+from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
 from localsgd.sync.codecs.base import CODECS, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.parts import REDUCERS
@@ -149,9 +149,8 @@ class Compressed(Reducer):
 
     @classmethod
     def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
-        # Payloads are all-gathered from every worker; the overlapped path launches plain
-        # chunks without the per-parameter spans the codecs and residuals need.
-        return frozenset({ALL_WORKERS, LANDS_NOW})
+        # Payloads are all-gathered from every worker.
+        return frozenset({ALL_WORKERS})
 
     def __init__(self, cfg: Any) -> None:
         self.keys = cfg.compression
