@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from threads import FakeTarget, Worker, run_workers
 
 from localsgd.sync.config import SyncConfig
@@ -207,3 +208,43 @@ def test_compressed_fragments_land_each_fragment_on_its_own_anchor_slice() -> No
     # middle element: the first parameter alone, then the other two.
     replay_overlapped(workers, Replay(4, 0.7, 0.9, True, False), 4, 1,
                       [slice(0, 40), slice(40, 66)], 12)
+
+
+class EvalCopy(torch.nn.Module):
+    """Where ``averaged_copy`` writes: FakeTarget's parameters and buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ps = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(s, dtype=torch.float64))
+                                          for s in [(40,), (7, 3), (5,)]])
+        self.register_buffer("stat", torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def flat(self) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1) for p in self.ps]).numpy()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_compressed_evaluation_sends_no_fp32_model_unless_asked(exact: bool) -> None:
+    cfg = compressed_outer(1.0, 0.0, False, True)
+    cfg.update = "copy"
+    cfg.compression.exact_average = exact
+    copies: dict[int, tuple[np.ndarray, float]] = {}
+
+    def evaluate(w: Worker, t: int) -> None:
+        if t == 4:  # five steps done: mid-period, one step after the sync of step 4
+            out = EvalCopy()
+            sent = w.meter.flat().get("comm/eval/bytes", 0.0)
+            w.controller.averaged_copy(w.target, out)
+            copies[w.rank] = (out.flat(), w.meter.flat()["comm/eval/bytes"] - sent)
+
+    workers, _ = run_workers(cfg, steps=5, world=4, between=evaluate, lr_at=lr_at)
+    mean = np.mean([w.before[4].numpy() for w in workers], axis=0)
+    for w in workers:
+        model, sent = copies[w.rank]
+        if exact:  # the exact average of the workers' models, in float64
+            np.testing.assert_allclose(model, mean, rtol=0, atol=1e-12)
+            assert sent == (66 + 3) * 8
+        else:  # the model of the last sync, every worker's after step 4; buffers only
+            np.testing.assert_array_equal(model, workers[0].after[3].numpy())
+            assert sent == 3 * 8

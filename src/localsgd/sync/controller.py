@@ -21,7 +21,7 @@ from localsgd.launch.env import DistInfo
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.anchor import Anchor
 from localsgd.sync.averager import Averager, InFlight
-from localsgd.sync.buckets import Bucketer
+from localsgd.sync.buckets import Bucketer, flat_view
 from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
 from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
@@ -290,7 +290,14 @@ class SyncController:
             return
         for o in self.observers:
             o.before_sync(self.step, GLOBAL, target)
-        distance = SyncJob(self, target, GLOBAL, final=True).run()
+        if self.reducer.sync_point_views:
+            # A compressed run ends with one more compressed sync (everyone then agrees on
+            # its result); only the BatchNorm statistics take the exact mean.
+            distance = SyncJob(self, target, GLOBAL).run()
+            if not self.cfg.average_buffers:
+                self.exact.average(target.sync_buffers(), *self.topology.everyone())
+        else:
+            distance = SyncJob(self, target, GLOBAL, final=True).run()
         self.finished = True
         self._record([(self.step, "final", distance)], target)
 
@@ -304,6 +311,11 @@ class SyncController:
             if self.in_consensus():
                 for s, d in zip(src_params, dst_params, strict=True):
                     d.copy_(s)
+                src, dst = src_buffers, dst_buffers
+            elif self.reducer.sync_point_views and self.anchor:
+                # The model of the last sync, which every worker holds: no fp32 traffic.
+                for a, d in zip(self.anchor.tensors, dst_params, strict=True):
+                    flat_view(d.detach()).copy_(a)
                 src, dst = src_buffers, dst_buffers
             else:
                 src, dst = src_params + src_buffers, dst_params + dst_buffers

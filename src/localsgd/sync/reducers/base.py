@@ -27,6 +27,11 @@ class Reducer(Part):
     uses_anchor: ClassVar[bool] = False
     """Whether the sync must keep an anchor for this reducer."""
 
+    sync_point_views: bool = False
+    """Whether evaluation between syncs shows the last sync's model (the anchor) and the run
+    ends with a sync of this reducer, rather than with exact averages formed aside: no fp32
+    traffic in a compressed run."""
+
     def kind(self, requested: str) -> str:
         """The accounting kind this reducer's traffic is recorded as, when the caller asks
         for ``requested`` (``average``, ``eval``)."""

@@ -16,8 +16,10 @@ update applies it: ``copy`` takes anchor - that, ``outer`` steps on it (DiLoCo w
 compressed outer gradient). Only parameters are compressed: BatchNorm statistics and
 momentum (with ``sync.momentum=average``) travel exactly, through the mean. Intra-node
 averages of hierarchical SGD are exact means too (within a node uncompressed, across nodes
-compressed); the anchor is the last global consensus. Evaluation and the run's final model
-use the exact average.
+compressed); the anchor is the last global consensus. Evaluation between syncs shows the
+anchor (the last sync's model) and a run that ends mid-period ends with one more compressed
+sync, so no fp32 model travels; ``sync.compression.exact_average`` asks for the exact
+average for both.
 
 Memory: the sync's anchor (one copy of the parameters, shared with an outer update) and,
 with error feedback, the residual (another). Both are in the checkpoint; on a world-size
@@ -56,6 +58,9 @@ class CompressionKeys:
     """QSGD: bits per magnitude; 2^levels - 1 quantization levels (>= 1)."""
     error_feedback: bool = False
     """Keep what the codec dropped and add it to the next payload (ef_sign always does)."""
+    exact_average: bool = False
+    """Evaluate the exact fp32 average between syncs and end on it (one full-precision
+    all-reduce each); false evaluates the last sync's model and ends with a compressed sync."""
 
 
 @dataclass
@@ -158,6 +163,7 @@ class Compressed(Reducer):
         self.feedback = ErrorFeedback() if uses_feedback(self.keys) else None
         self.anchor: Anchor | None = None
         """The sync's anchor (bound by the controller): saved with this part's state."""
+        self.sync_point_views = not self.keys.exact_average
 
     def bind(self, anchor: Anchor | None) -> None:
         self.anchor = anchor
