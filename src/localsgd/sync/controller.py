@@ -134,19 +134,23 @@ class SyncJob:
         self._applied()
         return distance if measured is None else measured
 
+    def _averager(self) -> Averager:
+        """Intra-node averages are exact (compression is for the links between nodes)."""
+        return self.ctl.averager if self.action == GLOBAL else self.ctl.exact
+
     def start(self, select: Collection[int] | None = None) -> InFlight:
         """Launch the average of the tensors with an index in ``select`` (default all)."""
         measured = self._measured()
         tensors, params, _ = self.tensors()
-        flight = self.ctl.averager.start(tensors, *self.ctl.topology.group(self.action),
-                                         select=select, params=params,
-                                         rest=self.ctl.exact.reducer)
+        flight = self._averager().start(tensors, *self.ctl.topology.group(self.action),
+                                        select=select, params=params,
+                                        rest=self.ctl.exact.reducer)
         flight.measured = measured
         return flight
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
-        distance = self.ctl.averager.apply(flight, tensors, params, self._update(), buffers)
+        distance = self._averager().apply(flight, tensors, params, self._update(), buffers)
         if self.action == GLOBAL and self.ctl.anchor is not None:
             self.ctl.anchor.step = self.step
         self._applied()
