@@ -248,3 +248,39 @@ def test_compressed_evaluation_sends_no_fp32_model_unless_asked(exact: bool) -> 
         else:  # the model of the last sync, every worker's after step 4; buffers only
             np.testing.assert_array_equal(model, workers[0].after[3].numpy())
             assert sent == 3 * 8
+
+
+def qsr_ends(alpha: float, base: int, steps: int, lr: object) -> list[int]:
+    """Global sync steps of the QSR: each period max(base, floor((alpha / lr)^2)), from the
+    LR at its first step."""
+    ends = [0]
+    while ends[-1] < steps:
+        ends.append(ends[-1] + max(base, int((alpha / lr(ends[-1])) ** 2)))  # type: ignore[operator]
+    return ends[1:]
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_qsr_sets_the_global_period_of_hierarchical_sgd(world: int) -> None:
+    def decaying(step: int) -> float:
+        return 0.2 if step < 8 else 0.15
+
+    cfg = SyncConfig(topology="threads", reducer="threads", algorithm="hierarchical",  # type: ignore[arg-type]
+                     period=2, block_period=2, period_rule="qsr", qsr_alpha=0.5)
+    workers, _ = run_workers(cfg, steps=30, world=world, local_world=2, lr_at=decaying)
+    ends = qsr_ends(0.5, 4, 30, decaying)
+    assert ends[:4] == [6, 12, 23, 34]  # (0.5/0.2)^2 = 6.25, then (0.5/0.15)^2 = 11.1
+    last = 0
+    for t in range(30):
+        done = t + 1
+        before, after = stacked(workers, t), stacked(workers, t, after=True)
+        if done in ends:
+            last = done
+            for row in after:
+                np.testing.assert_allclose(row, before.mean(axis=0), rtol=0, atol=1e-12)
+        elif (done - last) % 2 == 0:
+            for node in range(0, world, 2):
+                mean = before[node:node + 2].mean(axis=0)
+                for row in after[node:node + 2]:
+                    np.testing.assert_allclose(row, mean, rtol=0, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(after, before)

@@ -125,8 +125,8 @@ def test_qsr_runs_on_workers_and_checkpoints_its_periods() -> None:
 @pytest.mark.parametrize(("overrides", "text"), [
     (["sync.algorithm=local", "sync.period_rule=qsr"], "sync.qsr_alpha: sync.period_rule=qsr "
                                                        "needs a positive alpha"),
-    (["sync.algorithm=hierarchical", "sync.period_rule=qsr", "sync.qsr_alpha=0.1"],
-     "sync.period_rule=qsr with sync.algorithm=hierarchical: qsr needs ruled_period"),
+    (["sync.algorithm=minibatch", "sync.period_rule=qsr", "sync.qsr_alpha=0.1"],
+     "sync.period_rule=qsr with sync.algorithm=minibatch: qsr needs ruled_period"),
     (["sync.algorithm=local", "sync.period=4", "sync.period_rule=qsr", "sync.qsr_alpha=0.1",
       "sync.overlap_steps=1", "sync.fragments=2"],
      "sync.runner=overlapped with sync.period_rule=qsr: "

@@ -30,6 +30,10 @@ class Fixed(Part):
         """Whether a period ends once ``steps_done`` steps have completed."""
         return steps_done > self.start and (steps_done - self.start) % self.base == 0
 
+    def last_end(self, steps_done: int) -> int:
+        """The end of the last period before ``steps_done`` (the start of the current one)."""
+        return self.start + max(0, (steps_done - 1 - self.start) // self.base) * self.base
+
     def period_of(self, step: int) -> int:
         """Length of the period that step index ``step`` belongs to."""
         return self.base

@@ -97,6 +97,10 @@ class QSR(Fixed):
         i = bisect.bisect_left(self.ends, steps_done)
         return self.ends[i] == steps_done
 
+    def last_end(self, steps_done: int) -> int:
+        self._cover(steps_done)
+        return self.ends[max(0, bisect.bisect_left(self.ends, steps_done) - 1)]
+
     def period_of(self, step: int) -> int:
         self._cover(step)
         i = bisect.bisect_right(self.ends, step)
