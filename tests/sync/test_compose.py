@@ -284,3 +284,47 @@ def test_qsr_sets_the_global_period_of_hierarchical_sgd(world: int) -> None:
                     np.testing.assert_allclose(row, mean, rtol=0, atol=1e-12)
         else:
             np.testing.assert_array_equal(after, before)
+
+
+def test_ef_sign_residuals_are_per_parameter_so_bucket_mb_changes_no_result() -> None:
+    # 61 float64 elements a bucket: the parameters (40, 21, 5) travel in two buckets,
+    # none split, where the default layout sends them in one.
+    small = compressed_outer(0.7, 0.9, True, True, bucket_mb=61 * 8 / 2**20)
+    big = compressed_outer(0.7, 0.9, True, True)
+    a, _ = run_workers(big, steps=8, world=4, lr_at=lr_at)
+    b, _ = run_workers(small, steps=8, world=4, lr_at=lr_at)
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x.after, y.after, strict=True))
+    assert sorted(b[0].controller.reducer.feedback.residuals) == [  # type: ignore[attr-defined]
+        "param0@0", "param1@0", "param2@0"]
+    # A checkpoint mid-period resumes under the other layout, bitwise.
+    states: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+
+    def keep(w: Worker, t: int) -> None:
+        if t == 2:
+            states[w.rank] = (w.controller.state_dict(), [x.clone() for x in w.target.tensors()])
+
+    run_workers(big, steps=3, world=4, lr_at=lr_at, between=keep)
+    resumed, _ = run_workers(small, steps=8, world=4, lr_at=lr_at, resume=states)
+    for x, y in zip(a, resumed, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x.after[3:], y.after, strict=True))
+
+
+def test_a_checkpoint_with_residuals_per_bucket_still_resumes_bitwise() -> None:
+    """Older checkpoints kept one residual per bucket ("index:start:numel")."""
+    cfg = compressed_outer(0.7, 0.9, True, True)
+    a, _ = run_workers(cfg, steps=6, world=4, lr_at=lr_at)
+    states: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+
+    def keep(w: Worker, t: int) -> None:
+        if t == 2:
+            state = w.controller.state_dict()
+            res = state["parts"]["reducer"]["feedback"]["residuals"]
+            whole = torch.cat([res.pop(f"param{i}@0") for i in range(3)])
+            res["0:0:66"] = whole
+            states[w.rank] = (state, [x.clone() for x in w.target.tensors()])
+
+    run_workers(cfg, steps=3, world=4, lr_at=lr_at, between=keep)
+    resumed, _ = run_workers(cfg, steps=6, world=4, lr_at=lr_at, resume=states)
+    for x, y in zip(a, resumed, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x.after[3:], y.after, strict=True))

@@ -188,13 +188,28 @@ class Compressed(Reducer):
         # A different random-k draw at every sync and bucket, the same on every resume.
         gen = torch.Generator(device=flat.device).manual_seed(
             self.seed * 1_000_003 + spans[0][0] * 1009 + spans[0][1])
-        if self.feedback is not None:
+        if self.feedback is not None and self.codec.segmentwise:
+            # One residual per parameter slice, whatever bucket it travels in: with no
+            # tensor split across buckets, sync.bucket_mb changes nothing.
+            keys = [f"param{index}@{first}" for index, first, _, _ in spans]
+            self._migrate(f"{spans[0][0]}:{spans[0][1]}:{flat.numel()}", keys, segments)
+            payload = self.feedback.compress_split(keys, flat, self.codec, segments)
+        elif self.feedback is not None:
             key = f"{spans[0][0]}:{spans[0][1]}:{flat.numel()}"
             payload = self.feedback.compress(key, flat, self.codec, segments, gen)
         else:
             payload = self.codec.encode(flat, segments, gen)
         work, gathered = self.gather(payload, group)
         return Pending(work, gathered, segments)
+
+    def _migrate(self, bucket_key: str, keys: list[str],
+                 segments: list[tuple[int, int]]) -> None:
+        """A residual that an older checkpoint kept for the whole bucket, split per slice."""
+        assert self.feedback is not None
+        old = self.feedback.residuals.pop(bucket_key, None)
+        if old is not None:
+            for key, (a, b) in zip(keys, segments, strict=True):
+                self.feedback.residuals[key] = old[a:b]
 
     def gather(self, payload: Payload, group: Any) -> tuple[Any, torch.Tensor]:
         """Start the all-gather of this worker's payload over ``group``: (work, bytes of
@@ -232,13 +247,17 @@ class Compressed(Reducer):
         """A checkpoint without an anchor (written with another reducer) is continued from a
         sync boundary only: every worker holds the checkpoint's model, so it is the anchor,
         exactly, with no residual owed, as right after a compressed sync that ended there.
-        Mid-period the model of the last sync is gone. Residuals are kept per averaging
-        bucket, so they need the bucket layout that wrote them."""
+        Mid-period the model of the last sync is gone. Residuals of codecs that are not
+        segmentwise (and those of older checkpoints) are kept per averaging bucket, so they
+        need the bucket layout that wrote them; the others are kept per parameter."""
         if not state.get("anchor") and not check.consensus:
             return ("resuming mid-period needs the anchor (the model of the last sync) it "
                     "never kept")
-        residuals = state.get("feedback", {}).get("residuals")
-        if self.feedback is not None and residuals and "sync.bucket_mb" in check.changed:
+        residuals = state.get("feedback", {}).get("residuals") or {}
+        by_bucket = not self.codec.segmentwise or any(
+            not str(k).startswith("param") for k in residuals)
+        if (self.feedback is not None and residuals and by_bucket
+                and "sync.bucket_mb" in check.changed):
             return ("its error-feedback residuals are kept per averaging bucket, which "
                     "sync.bucket_mb lays out")
         return None
