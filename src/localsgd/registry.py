@@ -70,6 +70,16 @@ class Part:
         """Every problem of the keys this part reads, each naming its full key."""
         return []
 
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        """Capabilities this part gives the parts it is combined with (from its own keys)."""
+        return frozenset()
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        """Capabilities this part needs some other chosen part to give."""
+        return frozenset()
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -196,6 +206,9 @@ class Section:
     """Common key -> the registry its value names a part of."""
     resolve: Callable[[Any, str], str] | None = None
     """(section, selector key) -> part name, for selectors with a derived value ("auto")."""
+    combine: Callable[..., list[str]] | None = None
+    """(section, facts, chosen parts, selectors, name_of) -> problems of the combination,
+    asked once every chosen part exists."""
 
     def name_of(self, cfg: Any, key: str) -> str:
         return self.resolve(cfg, key) if self.resolve else str(getattr(cfg, key))
@@ -226,6 +239,8 @@ class Section:
                         problems += [m for m in candidate.check(cfg, facts)
                                      if m.split(":")[0] in given and m not in problems]
             return problems, warnings
+        if self.combine is not None:
+            problems += self.combine(cfg, facts, chosen, self.selectors, self.name_of)
         for f in fields(cfg):
             if f.name in used or getattr(cfg, f.name) == defaults[f.name]:
                 continue

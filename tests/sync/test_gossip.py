@@ -217,16 +217,22 @@ def test_gossip_recipes_choose_their_reducer() -> None:
 
 @pytest.mark.parametrize(("overrides", "text"), [
     (["sync.algorithm=hierarchical", "sync.period=2", "sync.block_period=2",
-      "sync.topology=ring"], "sync.topology: ring gossips between single workers"),
-    (["sync.topology=torus"], "sync.topology: torus replaces model averages"),
+      "sync.topology=ring"],
+     "sync.algorithm=hierarchical with sync.topology=ring: "
+     "hierarchical needs node_groups"),
+    (["sync.topology=torus"],
+     "sync.topology=torus with sync.algorithm=minibatch: "
+     "torus needs model_averages"),
     (["sync.algorithm=local", "sync.topology=ring", "sync.update=outer"],
-     "sync.update: outer steps on the average of every worker"),
+     "sync.update=outer with sync.reducer=gossip: outer needs consensus"),
     (["sync.algorithm=local", "sync.period=4", "sync.topology=ring", "sync.fragments=2",
-      "sync.overlap_steps=1"], "sync.fragments: 2 with ring gossip is not supported"),
+      "sync.overlap_steps=1"],
+     "sync.topology=ring with sync.runner=overlapped: "
+     "ring needs whole_syncs"),
     (["sync.algorithm=local", "sync.topology=ring", "sync.reducer=mean"],
-     "sync.reducer: mean all-reduces over every worker"),
+     "sync.reducer=mean with sync.topology=ring: mean needs all_workers"),
     (["sync.algorithm=local", "sync.reducer=gossip"],
-     "sync.reducer: gossip mixes with graph neighbours"),
+     "sync.reducer=gossip with sync.topology=complete: gossip needs neighbours"),
     (["sync.algorithm=local", "sync.topology=ring", "sync.consensus_every=-1"],
      "sync.consensus_every: must be >= 0"),
     (["sync.algorithm=local", "sync.topology=rign"],

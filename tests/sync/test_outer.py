@@ -141,7 +141,8 @@ def test_state_on_cpu_gives_the_same_result() -> None:
     a, _ = run_workers(base, steps=6, lr_at=lr_at)
     b, _ = run_workers(cpu, steps=6, lr_at=lr_at)
     assert all(torch.equal(x, y) for x, y in zip(a[0].after, b[0].after, strict=True))
-    assert b[0].controller.update.anchor[0].device.type == "cpu"
+    assert b[0].controller.anchor is b[0].controller.update.anchor
+    assert b[0].controller.anchor.tensors[0].device.type == "cpu"
 
 
 @pytest.mark.parametrize(("overrides", "text"), [
@@ -150,8 +151,8 @@ def test_state_on_cpu_gives_the_same_result() -> None:
      "sync.outer.momentum: must be in [0, 1)"),
     (["sync.update=outer", "sync.algorithm=local", "sync.outer.nesterov=true"],
      "sync.outer.nesterov: Nesterov needs sync.outer.momentum > 0"),
-    (["sync.update=outer"], "sync.update: outer steps on model averages, and "
-                            "sync.algorithm=minibatch never averages models"),
+    (["sync.update=outer"], "sync.update=outer with sync.algorithm=minibatch: outer needs "
+                            "model_averages"),
     (["sync.update=outer", "sync.outer.state_device=gpu"], "sync.outer.state_device"),
 ])
 def test_bad_outer_settings_are_one_line_each(overrides: list[str], text: str) -> None:

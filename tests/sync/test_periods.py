@@ -125,10 +125,12 @@ def test_qsr_runs_on_workers_and_checkpoints_its_periods() -> None:
 @pytest.mark.parametrize(("overrides", "text"), [
     (["sync.algorithm=local", "sync.period_rule=qsr"], "sync.qsr_alpha: sync.period_rule=qsr "
                                                        "needs a positive alpha"),
-    (["sync.algorithm=hierarchical", "sync.period_rule=qsr", "sync.qsr_alpha=0.1"],
-     "sync.period_rule: qsr sets the period of sync.algorithm=local|post_local"),
+    (["sync.algorithm=minibatch", "sync.period_rule=qsr", "sync.qsr_alpha=0.1"],
+     "sync.period_rule=qsr with sync.algorithm=minibatch: qsr needs ruled_period"),
     (["sync.algorithm=local", "sync.period=4", "sync.period_rule=qsr", "sync.qsr_alpha=0.1",
-      "sync.overlap_steps=1", "sync.fragments=2"], "sync.fragments: fragments start"),
+      "sync.overlap_steps=1", "sync.fragments=2"],
+     "sync.runner=overlapped with sync.period_rule=qsr: "
+     "overlapped needs fixed_period"),
     (["sync.algorithm=local", "sync.period_rule=qrs"], "sync.period_rule: unknown value 'qrs'"),
 ])
 def test_bad_period_rule_settings(overrides: list[str], text: str) -> None:

@@ -8,6 +8,7 @@ workers apply it exactly as its formula says.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def test_readme_worked_example_is_a_working_part(tmp_path: Path) -> None:
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
     (tmp_path / "damped.py").write_text(code.group(1))
-    env = worker_env(PYTHONPATH=str(REPO / "tests" / "sync"))
+    env = worker_env()
+    # Prepended, so the worker still imports this tree's localsgd through PYTHONPATH.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "sync"), env["PYTHONPATH"]])
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from localsgd.launch.env import DistInfo
-from localsgd.registry import Part
+from localsgd.registry import Facts, Part
 from localsgd.sync.accounting import CommMeter
+from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.parts import REDUCERS, TOPOLOGIES
+from localsgd.sync.reducers.compressed import Compressed
 from localsgd.sync.reducers.mean import Mean
 from localsgd.sync.schedules.base import NODE
 from localsgd.sync.topologies.expander import Expander
@@ -54,6 +56,17 @@ class ThreadGroup:
             total += self.slots[r]
         self.barrier.wait()
         flat.copy_(total)
+
+
+    def all_gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """Every member's ``flat``, concatenated in rank order."""
+        me = _rank.value
+        self.slots[me] = flat.clone()
+        self.calls[me] += 1
+        self.barrier.wait()
+        out = torch.cat([self.slots[r] for r in self.ranks])
+        self.barrier.wait()
+        return out
 
 
 class Mailbox:
@@ -101,6 +114,10 @@ class Threads(Part):
     name = "threads"
     mean_reducer = "threads"
     """Parts that form no exact average (compressed) take the exact one through this."""
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({ALL_WORKERS, NODE_GROUPS})
 
     def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
         assert _world is not None
@@ -167,6 +184,24 @@ class ThreadSum(Mean):
     def start(self, flat: torch.Tensor, group: Any, slices: Any = None) -> Any:
         group.all_reduce(flat)
         return None
+
+
+class ThreadGather:
+    """A finished all-gather (the thread world gathers at once)."""
+
+    def wait(self) -> None:
+        pass
+
+
+@REDUCERS.register
+class ThreadCompressed(Compressed):
+    """The real compressed reducer, its payload bytes all-gathered through the threads."""
+
+    name = "threads_compressed"
+
+    def gather(self, payload: Any, group: Any) -> tuple[Any, torch.Tensor]:
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in payload.tensors])
+        return ThreadGather(), group.all_gather(flat)
 
 
 class FakeTarget:

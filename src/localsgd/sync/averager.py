@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.buckets import Bucketer, flat_view, floating_groups
+from localsgd.sync.anchor import Anchor
+from localsgd.sync.buckets import Bucketer, Slice, flat_view, floating_groups
+from localsgd.sync.reducers.base import DELTA
 
 
 @dataclass
@@ -47,10 +49,14 @@ class InFlight:
     members: list[list[int]]
     """For each snapshot: the indices of the tensors concatenated into it, in order."""
     started: float = field(default_factory=time.perf_counter)
-    works: list[tuple[Any, torch.Tensor]] = field(default_factory=list)
+    works: list[tuple[Any, torch.Tensor, Any]] = field(default_factory=list)
+    """(work, the chunk it reduces in place, the reducer that finishes it)."""
     done: bool = False
     measured: float | None = None
     """The consensus distance measured when the sync started (a reducer that is not exact)."""
+    deltas: list[bool] = field(default_factory=list)
+    """For each snapshot: whether its buffer carries Delta = anchor - snapshot (a reducer
+    that carries pseudo-gradients) rather than the snapshot itself."""
 
     @property
     def nbytes(self) -> int:
@@ -60,21 +66,25 @@ class InFlight:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "size": self.size, "sizes": self.sizes,
                 "snapshots": self.snapshots, "reduced": self.reduced,
-                "members": self.members, "measured": self.measured}
+                "members": self.members, "measured": self.measured, "deltas": self.deltas}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> InFlight:
         return cls(state["kind"], int(state["size"]), list(state["sizes"]),
                    list(state["snapshots"]), list(state["reduced"]),
                    [list(m) for m in state["members"]], done=True,
-                   measured=state.get("measured"))
+                   measured=state.get("measured"),
+                   deltas=list(state.get("deltas", [False] * len(state["members"]))))
 
 
 class Averager:
-    def __init__(self, meter: CommMeter, bucketer: Bucketer, reducer: Any) -> None:
+    def __init__(self, meter: CommMeter, bucketer: Bucketer, reducer: Any,
+                 anchor: Anchor | None = None) -> None:
         self.meter = meter
         self.bucketer = bucketer
         self.reducer = reducer
+        self.anchor = anchor
+        """The sync's anchor, which a reducer carrying pseudo-gradients needs."""
 
     def average(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None,
                 size: int, kind: str = "average", params: int = 0, update: Any = None,
@@ -95,6 +105,9 @@ class Averager:
             raise ValueError("out must have the memory layout of tensors (e.g. both "
                              "channels_last)")
         dst = [flat_view(t.detach()) for t in targets]
+        if self.reducer.carries == DELTA:
+            self._average_delta(tensors, group, size, self.reducer.kind(kind), update, dst)
+            return math.nan
         sq = 0.0
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
@@ -114,6 +127,28 @@ class Averager:
                     target.copy_(reduced)
         return self._distance(sq)
 
+    def _average_delta(self, params: list[torch.Tensor], group: Any, size: int, kind: str,
+                       update: Any, dst: list[torch.Tensor]) -> None:
+        """The bucket holds Delta = anchor - theta (parameters only); the reducer returns
+        its reduced Delta, which the update applies and moves the anchor by."""
+        if self.anchor is None or not self.anchor or update is None:
+            raise RuntimeError("a reducer carrying pseudo-gradients needs the sync's anchor "
+                               "and an update; the controller takes both before a sync")
+        anchor = self.anchor.tensors
+        for bucket in self.bucketer.fill(params):
+            for s in bucket.slices:
+                a = anchor[s.index][s.start:s.start + s.packed.numel()]
+                torch.sub(a.to(s.packed.device), s.packed, out=s.packed)
+            nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
+            with self.meter.timed(kind, nbytes):
+                work = self.reducer.start(bucket.flat, group, bucket.slices)
+                result = self.reducer.finish(work, bucket.flat, size)
+            for s in bucket.slices:
+                n = s.local.numel()
+                update.apply_delta(s.index, s.start, s.local, result[s.pos:s.pos + n],
+                                   anchor[s.index][s.start:s.start + n],
+                                   dst[s.index][s.start:s.start + n])
+
     def _distance(self, sq: float) -> float:
         return math.sqrt(sq) if getattr(self.reducer, "exact", True) else math.nan
 
@@ -131,23 +166,42 @@ class Averager:
         return math.sqrt(sq)
 
     def start(self, tensors: list[torch.Tensor], group: Any, size: int,
-              kind: str = "average", select: Collection[int] | None = None) -> InFlight:
+              kind: str = "average", select: Collection[int] | None = None, params: int = 0,
+              rest: Any = None) -> InFlight:
         """Snapshot ``tensors`` (those with an index in ``select``, default all) and launch
-        their reduction over ``group``; returns at once."""
+        their reduction over ``group``; returns at once. With a reducer that carries
+        pseudo-gradients, the first ``params`` tensors travel as anchor - snapshot and the
+        others through the reducer ``rest`` (an exact mean)."""
         flight = InFlight(self.reducer.kind(kind), size, [t.numel() for t in tensors], [], [],
                           [])
+        delta = self.reducer.carries == DELTA
         for (dtype, _device), idx in floating_groups(tensors, select).items():
-            if sum(tensors[i].numel() for i in idx) == 0:
-                continue  # nothing to send (the blocking path makes no call either)
-            snap = torch.cat([flat_view(tensors[i].detach()) for i in idx])
-            buf = snap.clone()
-            capacity = self.bucketer.capacity(dtype)
-            flight.snapshots.append(snap)
-            flight.reduced.append(buf)
-            flight.members.append(idx)
-            for chunk in buf.split(capacity):
-                self.meter.record(flight.kind, self.reducer.payload_bytes(chunk, group))
-                flight.works.append((self.reducer.start(chunk, group), chunk))
+            runs = ([([i for i in idx if i < params], True), ([i for i in idx if i >= params],
+                                                              False)] if delta else [(idx, False)])
+            for members, is_delta in runs:
+                if sum(tensors[i].numel() for i in members) == 0:
+                    continue  # nothing to send (the blocking path makes no call either)
+                snap = torch.cat([flat_view(tensors[i].detach()) for i in members])
+                if is_delta:
+                    if self.anchor is None or not self.anchor:
+                        raise RuntimeError("a reducer carrying pseudo-gradients needs the "
+                                           "sync's anchor before its first sync")
+                    buf = torch.cat([self.anchor.tensors[i] for i in members]).to(snap.device)
+                    buf.sub_(snap)
+                else:
+                    buf = snap.clone()
+                reducer = self.reducer if is_delta or not delta else rest
+                flight.snapshots.append(snap)
+                flight.reduced.append(buf)
+                flight.members.append(members)
+                flight.deltas.append(is_delta)
+                offset = 0
+                for chunk in buf.split(self.bucketer.capacity(dtype)):
+                    slices = (chunk_slices(members, flight.sizes, offset, chunk, snap)
+                              if is_delta else None)
+                    offset += chunk.numel()
+                    self.meter.record(flight.kind, reducer.payload_bytes(chunk, group, slices))
+                    flight.works.append((reducer.start(chunk, group, slices), chunk, reducer))
         return flight
 
     def complete(self, flight: InFlight) -> None:
@@ -155,8 +209,8 @@ class Averager:
         if flight.done:
             return
         waited = time.perf_counter()
-        for work, chunk in flight.works:
-            result = self.reducer.finish(work, chunk, flight.size)
+        for work, chunk, reducer in flight.works:
+            result = reducer.finish(work, chunk, flight.size)
             if result is not chunk:
                 chunk.copy_(result)
         now = time.perf_counter()
@@ -175,7 +229,9 @@ class Averager:
             raise ValueError("tensors do not match the ones the sync was started with")
         self.complete(flight)
         sq = 0.0
-        for snap, red, idx in zip(flight.snapshots, flight.reduced, flight.members, strict=True):
+        deltas = flight.deltas or [False] * len(flight.members)
+        for snap, red, idx, is_delta in zip(flight.snapshots, flight.reduced, flight.members,
+                                            deltas, strict=True):
             pos = 0
             for i in idx:
                 n = flight.sizes[i]
@@ -183,6 +239,15 @@ class Averager:
                 # A checkpoint restores snapshots on the CPU; the model may live on a GPU.
                 local = snap[pos:pos + n].to(live.device)
                 mean = red[pos:pos + n].to(live.device)
+                if is_delta:
+                    if update is None or self.anchor is None:
+                        raise RuntimeError("a pseudo-gradient in flight lands through the "
+                                           "update, on the sync's anchor")
+                    synced = torch.empty_like(local)
+                    update.apply_delta(i, 0, local, mean, self.anchor.tensors[i], synced)
+                    live.add_(synced.sub_(local))
+                    pos += n
+                    continue
                 if i < params:
                     sq += squared_distance(local, mean)
                 if i < params and update is not None:
@@ -197,6 +262,20 @@ class Averager:
         if flight.measured is not None:
             return flight.measured
         return self._distance(sq)
+
+
+def chunk_slices(members: list[int], sizes: list[int], offset: int, chunk: torch.Tensor,
+                 snap: torch.Tensor) -> list[Slice]:
+    """The parameter slices of ``chunk``, which starts ``offset`` elements into a buffer of
+    ``members`` laid end to end: what a reducer of pseudo-gradients keys its codec and
+    residuals by, as the blocking path's buckets."""
+    out, pos, end = [], 0, offset + chunk.numel()
+    for i in members:
+        lo, hi = max(pos, offset), min(pos + sizes[i], end)
+        if lo < hi:
+            out.append(Slice(i, lo - pos, lo - offset, snap[lo:hi], chunk[lo - offset:hi - offset]))
+        pos += sizes[i]
+    return out
 
 
 def squared_distance(local: torch.Tensor, mean: torch.Tensor) -> float:

@@ -19,11 +19,14 @@ from torch import nn
 
 from localsgd.launch.env import DistInfo
 from localsgd.sync.accounting import CommMeter
+from localsgd.sync.anchor import Anchor
 from localsgd.sync.averager import Averager, InFlight
-from localsgd.sync.buckets import Bucketer
+from localsgd.sync.buckets import Bucketer, flat_view
 from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
+from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
+from localsgd.sync.updates.base import Update
 
 
 class SyncTarget(Protocol):
@@ -119,27 +122,37 @@ class SyncJob:
         averager = self.ctl.exact if exact else self.ctl.averager
         group = self.ctl.topology.everyone() if self.final else self.ctl.topology.group(
             self.action)
-        if not exact and getattr(self.ctl.reducer, "params_only", False):
+        if not exact and self.ctl.reducer.carries == DELTA:
             distance = averager.average(tensors[:params], *group, params=params,
                                         update=self._update())
             if len(tensors) > params:
                 self.ctl.exact.average(tensors[params:], *group)
         else:
             distance = averager.average(tensors, *group, params=params, update=self._update())
+        if self.action == GLOBAL and self.ctl.anchor is not None:
+            self.ctl.anchor.step = self.step  # the update moved it to this sync's result
         self._applied()
         return distance if measured is None else measured
+
+    def _averager(self) -> Averager:
+        """Intra-node averages are exact (compression is for the links between nodes)."""
+        return self.ctl.averager if self.action == GLOBAL else self.ctl.exact
 
     def start(self, select: Collection[int] | None = None) -> InFlight:
         """Launch the average of the tensors with an index in ``select`` (default all)."""
         measured = self._measured()
-        flight = self.ctl.averager.start(self.tensors()[0],
-                                         *self.ctl.topology.group(self.action), select=select)
+        tensors, params, _ = self.tensors()
+        flight = self._averager().start(tensors, *self.ctl.topology.group(self.action),
+                                        select=select, params=params,
+                                        rest=self.ctl.exact.reducer)
         flight.measured = measured
         return flight
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
-        distance = self.ctl.averager.apply(flight, tensors, params, self._update(), buffers)
+        distance = self._averager().apply(flight, tensors, params, self._update(), buffers)
+        if self.action == GLOBAL and self.ctl.anchor is not None:
+            self.ctl.anchor.step = self.step
         self._applied()
         return distance
 
@@ -163,13 +176,19 @@ class SyncController:
         self.period_rule = chosen["period_rule"](cfg, lr_at)
         self.schedule = schedule.with_rule(self.period_rule)
         self.topology = chosen["topology"](cfg, info, schedule.scopes)
-        self.reducer = chosen["reducer"](cfg)
-        self.update = chosen["update"](cfg)
-        self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer)
+        self.reducer: Reducer = chosen["reducer"](cfg)
+        self.update: Update = chosen["update"](cfg)
+        self.anchor: Anchor | None = None
+        """The model of the last global sync, kept only when a chosen part uses it."""
+        if self.reducer.uses_anchor or self.update.uses_anchor:
+            self.anchor = Anchor(self.update.anchor_on_cpu)
+            self.reducer.bind(self.anchor)
+            self.update.bind(self.anchor)
+        self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer, self.anchor)
         self.exact = self.averager
         """Forms the exact average over ``topology.everyone()`` (evaluation, the final model,
         measurements): the sync averager itself when its reducer is exact."""
-        if not getattr(self.reducer, "exact", True):
+        if not self.reducer.exact:
             mean = REDUCERS.get(self.topology.mean_reducer)(cfg)
             self.exact = Averager(meter, self.averager.bucketer, mean)
         self.finished = False
@@ -209,15 +228,16 @@ class SyncController:
 
     def _at_consensus(self, target: SyncTarget) -> None:
         if self.schedule.phase(self.step) == LOCAL and self.in_consensus():
-            for part in (self.update, self.reducer):
-                if hasattr(part, "at_consensus"):
-                    part.at_consensus(self.step, target.sync_params())
+            params = target.sync_params()
+            if self.anchor is not None:
+                self.anchor.take(self.step, params)
+            self.update.at_consensus(self.step, params)
 
     def measure_now(self) -> bool:
         """Count a global sync; whether it must measure its consensus distance apart (its
         reducer does not form the exact average, and ``sync.consensus_every`` says so)."""
         every = getattr(self.cfg, "consensus_every", 0)
-        if getattr(self.reducer, "exact", True) or every <= 0:
+        if self.reducer.exact or every <= 0:
             return False
         self.measured_syncs += 1
         return (self.measured_syncs - 1) % every == 0
@@ -274,7 +294,14 @@ class SyncController:
             return
         for o in self.observers:
             o.before_sync(self.step, GLOBAL, target)
-        distance = SyncJob(self, target, GLOBAL, final=True).run()
+        if self.reducer.sync_point_views:
+            # A compressed run ends with one more compressed sync (everyone then agrees on
+            # its result); only the BatchNorm statistics take the exact mean.
+            distance = SyncJob(self, target, GLOBAL).run()
+            if not self.cfg.average_buffers:
+                self.exact.average(target.sync_buffers(), *self.topology.everyone())
+        else:
+            distance = SyncJob(self, target, GLOBAL, final=True).run()
         self.finished = True
         self._record([(self.step, "final", distance)], target)
 
@@ -289,6 +316,11 @@ class SyncController:
                 for s, d in zip(src_params, dst_params, strict=True):
                     d.copy_(s)
                 src, dst = src_buffers, dst_buffers
+            elif self.reducer.sync_point_views and self.anchor:
+                # The model of the last sync, which every worker holds: no fp32 traffic.
+                for a, d in zip(self.anchor.tensors, dst_params, strict=True):
+                    flat_view(d.detach()).copy_(a)
+                src, dst = src_buffers, dst_buffers
             else:
                 src, dst = src_params + src_buffers, dst_params + dst_buffers
             if self.info.world_size > 1:
@@ -297,13 +329,19 @@ class SyncController:
                 for s, d in zip(src, dst, strict=True):
                     d.copy_(s)
 
-    def extra_bytes(self) -> int:
-        """The most memory syncs held besides the model: averaging buckets, whatever an
-        overlapped runner kept in flight (snapshots and buffers being reduced) and what a
-        reducer keeps between syncs (a compressed reducer's anchor and residuals)."""
+    def extra_memory(self) -> dict[str, int]:
+        """What ``extra_bytes`` adds up, by what holds it: averaging buckets, the most an
+        overlapped runner kept in flight (snapshots and buffers being reduced), the sync's
+        anchor, the update's state (outer momentum) and the reducer's (error-feedback
+        residuals)."""
         buckets = sum(b.numel() * b.element_size() for b in self.averager.bucketer.buffers.values())
-        held = getattr(self.reducer, "held_bytes", None)
-        return buckets + self.runner.peak_bytes + (held() if held is not None else 0)
+        return {"buckets": buckets, "in_flight": self.runner.peak_bytes,
+                "anchor": self.anchor.nbytes() if self.anchor is not None else 0,
+                "update": self.update.held_bytes(), "reducer": self.reducer.held_bytes()}
+
+    def extra_bytes(self) -> int:
+        """The most memory syncs held besides the model (``extra_memory``, summed)."""
+        return sum(self.extra_memory().values())
 
     def pop_events(self) -> list[SyncEvent]:
         events, self.events = self.events, []

@@ -15,6 +15,7 @@ from typing import Any
 
 from localsgd.config.domains import POSITIVE, Choice, domain
 from localsgd.registry import Registry, Section
+from localsgd.sync.capabilities import problems as capability_problems
 
 
 class MomentumPolicy(str, Enum):
@@ -103,4 +104,4 @@ def topology_gossips(cfg: Any) -> bool | None:
 
 
 SECTION = Section("sync", SyncCommon, {key: reg for key, reg in PART_KINDS.values()},
-                  resolve=_resolve)
+                  resolve=_resolve, combine=capability_problems)

@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from localsgd.registry import Part
+from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import FIXED_PERIOD
 from localsgd.sync.parts import PERIOD_RULES
 
 
 @PERIOD_RULES.register
 class Fixed(Part):
     name = "fixed"
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({FIXED_PERIOD})
 
     def __init__(self, cfg: Any, lr_at: Callable[[int], float] | None = None) -> None:
         self.start = 0
@@ -24,6 +29,10 @@ class Fixed(Part):
     def is_sync(self, steps_done: int) -> bool:
         """Whether a period ends once ``steps_done`` steps have completed."""
         return steps_done > self.start and (steps_done - self.start) % self.base == 0
+
+    def last_end(self, steps_done: int) -> int:
+        """The end of the last period before ``steps_done`` (the start of the current one)."""
+        return self.start + max(0, (steps_done - 1 - self.start) // self.base) * self.base
 
     def period_of(self, step: int) -> int:
         """Length of the period that step index ``step`` belongs to."""

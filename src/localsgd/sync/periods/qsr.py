@@ -19,6 +19,7 @@ from typing import Any
 from localsgd.config.domains import POSITIVE, domain
 from localsgd.config.errors import ConfigError
 from localsgd.registry import Facts, need
+from localsgd.sync.capabilities import RULED_PERIOD
 from localsgd.sync.parts import PERIOD_RULES
 from localsgd.sync.periods.fixed import Fixed
 
@@ -61,10 +62,15 @@ class QSR(Fixed):
         check(cfg.qsr_alpha is not None,
               f"sync.qsr_alpha: sync.period_rule=qsr needs a positive alpha, got "
               f"{cfg.qsr_alpha}")
-        check(cfg.algorithm in ("local", "post_local"),
-              f"sync.period_rule: qsr sets the period of sync.algorithm=local|post_local, not "
-              f"{cfg.algorithm}")
         return problems
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset()
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({RULED_PERIOD})
 
     def bind(self, start: int, base: int) -> None:
         super().bind(start, base)
@@ -91,6 +97,10 @@ class QSR(Fixed):
         self._cover(steps_done)
         i = bisect.bisect_left(self.ends, steps_done)
         return self.ends[i] == steps_done
+
+    def last_end(self, steps_done: int) -> int:
+        self._cover(steps_done)
+        return self.ends[max(0, bisect.bisect_left(self.ends, steps_done) - 1)]
 
     def period_of(self, step: int) -> int:
         self._cover(step)

@@ -1,27 +1,32 @@
 """Compressed model averaging: the paper's local (EF-)sign, top-k, random-k and QSGD variants.
 
-At a global sync every worker compresses its model delta since the last consensus,
-d_i = anchor - theta_i (per tensor; with error feedback the residual of earlier syncs is
-added first and the part the codec dropped is kept for the next one), the payloads of all
-workers are exchanged with one all-gather per bucket (signs bit-packed, sparse payloads as
-values and indices: ``comm/bytes`` counts what really travels), and every worker decodes all
-of them alike and takes
+At a global sync every worker compresses its pseudo-gradient since the last consensus, d_i =
+anchor - theta_i, which the averager hands over (the sync's one anchor; per tensor; with
+error feedback the residual of earlier syncs is added first and the part the codec dropped
+is kept for the next one), the payloads of all workers are exchanged with one all-gather per
+bucket (signs bit-packed, sparse payloads as values and indices: ``comm/bytes`` counts what
+really travels), and every worker decodes all of them alike and takes
 
     theta <- anchor - mean_i decode(payload_i),        anchor <- theta
 
 so the workers agree bit for bit after each sync, on a model that is not their exact average
-(the consensus distance is the distance to it, unless ``sync.consensus_every`` measures the
-true one). Only parameters are compressed: BatchNorm statistics and momentum (with
-``sync.momentum=average``) travel exactly, through the mean. Intra-node averages of
-hierarchical SGD are exact means too (within a node uncompressed, across nodes compressed);
-the anchor is the last global consensus. Evaluation and the run's final model use the exact
-average.
+(the consensus distance is not known, unless ``sync.consensus_every`` measures the true
+one). The reducer returns mean_i decode(payload_i), the compressed pseudo-gradient, so any
+update applies it: ``copy`` takes anchor - that, ``outer`` steps on it (DiLoCo with a
+compressed outer gradient). Only parameters are compressed: BatchNorm statistics and
+momentum (with ``sync.momentum=average``) travel exactly, through the mean. Intra-node
+averages of hierarchical SGD are exact means too (within a node uncompressed, across nodes
+compressed); the anchor is the last global consensus. Evaluation between syncs shows the
+anchor (the last sync's model) and a run that ends mid-period ends with one more compressed
+sync, so no fp32 model travels; ``sync.compression.exact_average`` asks for the exact
+average for both.
 
-Memory: the anchor (one copy of the parameters) and, with error feedback, the residual
-(another). Both are in the checkpoint; on a world-size change the anchor (the same on every
-worker) is kept and the residuals are merged by the codec library's rule. A checkpoint
-written with another reducer has no anchor: at a sync boundary the model is the anchor
-(every worker holds it), mid-period the resume is refused (``resume_problem``).
+Memory: the sync's anchor (one copy of the parameters, shared with an outer update) and,
+with error feedback, the residual (another). Both are in the checkpoint; on a world-size
+change the anchor (the same on every worker) is kept and the residuals are merged by the
+codec library's rule. A checkpoint written with another reducer has no anchor: at a sync
+boundary the model is the anchor (every worker holds it), mid-period the resume is refused
+(``resume_problem``).
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import torch
 import torch.distributed as dist
 
 from localsgd.config.domains import AT_LEAST_ONE, NON_NEGATIVE, Choice, Range, domain
-from localsgd.registry import Facts, Part, need
-from localsgd.sync.buckets import flat_view
+from localsgd.registry import Facts, need
+from localsgd.sync.anchor import Anchor
+from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
 from localsgd.sync.codecs.base import CODECS, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
-from localsgd.sync.parts import REDUCERS, topology_gossips
+from localsgd.sync.parts import REDUCERS
+from localsgd.sync.reducers.base import DELTA, Reducer
 
 
 @dataclass
@@ -52,6 +59,9 @@ class CompressionKeys:
     """QSGD: bits per magnitude; 2^levels - 1 quantization levels (>= 1)."""
     error_feedback: bool = False
     """Keep what the codec dropped and add it to the next payload (ef_sign always does)."""
+    exact_average: bool = False
+    """Evaluate the exact fp32 average between syncs and end on it (one full-precision
+    all-reduce each); false evaluates the last sync's model and ends with a compressed sync."""
 
 
 @dataclass
@@ -115,15 +125,15 @@ class Pending:
     work: Any
     gathered: torch.Tensor
     segments: list[tuple[int, int]]
-    anchor: torch.Tensor
 
 
 @REDUCERS.register
-class Compressed(Part):
+class Compressed(Reducer):
     name = "compressed"
     exact = False
-    params_only = True
+    carries = DELTA
     """Buffers and momentum that travel with the parameters take the exact mean."""
+    uses_anchor = True
     Config = CompressedKeys
 
     @classmethod
@@ -133,38 +143,32 @@ class Compressed(Part):
         if keys.method == "none":
             p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
                      "topk, randomk, qsgd or bf16); or use sync.reducer=auto")
-        if topology_gossips(cfg):
-            p.append(f"sync.compression.method: {keys.method} with sync.topology="
-                     f"{cfg.topology} is not supported: compressed payloads are all-gathered "
-                     "from every worker; use sync.topology=complete")
-        if getattr(cfg, "overlap_steps", 0) > 0:
-            p.append(f"sync.compression.method: {keys.method} cannot run overlapped yet (the "
-                     "anchor would move under the average in flight); use "
-                     "sync.overlap_steps=0")
-        if cfg.update != "copy":
-            p.append(f"sync.update: {cfg.update} with compressed averages is not supported; "
-                     "use sync.update=copy")
         return p
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({CONSENSUS})
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        # Payloads are all-gathered from every worker.
+        return frozenset({ALL_WORKERS})
 
     def __init__(self, cfg: Any) -> None:
         self.keys = cfg.compression
         self.codec = build_codec(self.keys)
         self.feedback = ErrorFeedback() if uses_feedback(self.keys) else None
-        self.anchor: list[torch.Tensor] = []
-        self.generator: torch.Generator | None = None
-        self.seed = 0
+        self.anchor: Anchor | None = None
+        """The sync's anchor (bound by the controller): saved with this part's state."""
+        self.sync_point_views = not self.keys.exact_average
 
-    def kind(self, requested: str) -> str:
-        return requested
+    def bind(self, anchor: Anchor | None) -> None:
+        self.anchor = anchor
 
-    def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
-        """Every worker holds ``params``: the deltas of the next sync start from them."""
-        if [a.shape for a in self.anchor] == [p.shape for p in params]:
-            for a, p in zip(self.anchor, params, strict=True):
-                a.copy_(p.detach())  # same layout: no new allocation at every sync
-        else:
-            self.anchor = [p.detach().clone() for p in params]
-        self.seed = step
+    @property
+    def seed(self) -> int:
+        """The step the anchor was taken at: random codecs draw from it."""
+        return self.anchor.step if self.anchor is not None else 0
 
     def payload_bytes(self, flat: torch.Tensor, group: Any = None, slices: Any = None) -> int:
         segments = ([(s.pos, s.pos + s.local.numel()) for s in slices] if slices is not None
@@ -173,26 +177,41 @@ class Compressed(Part):
                    for s, d in self.codec.payload_shapes(flat.numel(), segments, flat.dtype))
 
     def start(self, flat: torch.Tensor, group: Any, slices: Any = None) -> Pending:
-        if not self.anchor or slices is None:
-            raise RuntimeError("compressed reducer: no anchor; the controller must call "
-                               "at_consensus before the first sync")
+        """``flat`` holds this worker's pseudo-gradient of the parameter slices ``slices``."""
+        if slices is None:
+            raise RuntimeError("compressed reducer: a bucket without its parameter slices")
         spans = [(s.index, s.start, s.pos, s.local.numel()) for s in slices]
-        anchor = torch.empty_like(flat)
-        for index, first, pos, n in spans:
-            anchor[pos:pos + n] = flat_view(self.anchor[index])[first:first + n]
-        delta = anchor - flat
         segments = [(pos, pos + n) for _, _, pos, n in spans]
         # A different random-k draw at every sync and bucket, the same on every resume.
         gen = torch.Generator(device=flat.device).manual_seed(
             self.seed * 1_000_003 + spans[0][0] * 1009 + spans[0][1])
-        if self.feedback is not None:
+        if self.feedback is not None and self.codec.segmentwise:
+            # One residual per parameter slice, whatever bucket it travels in: with no
+            # tensor split across buckets, sync.bucket_mb changes nothing.
+            keys = [f"param{index}@{first}" for index, first, _, _ in spans]
+            self._migrate(f"{spans[0][0]}:{spans[0][1]}:{flat.numel()}", keys, segments)
+            payload = self.feedback.compress_split(keys, flat, self.codec, segments)
+        elif self.feedback is not None:
             key = f"{spans[0][0]}:{spans[0][1]}:{flat.numel()}"
-            payload = self.feedback.compress(key, delta, self.codec, segments, gen)
+            payload = self.feedback.compress(key, flat, self.codec, segments, gen)
         else:
-            payload = self.codec.encode(delta, segments, gen)
-        world = dist.get_world_size(group)
-        work, gathered = exchange(payload, group, world)
-        return Pending(work, gathered, segments, anchor)
+            payload = self.codec.encode(flat, segments, gen)
+        work, gathered = self.gather(payload, group)
+        return Pending(work, gathered, segments)
+
+    def _migrate(self, bucket_key: str, keys: list[str],
+                 segments: list[tuple[int, int]]) -> None:
+        """A residual that an older checkpoint kept for the whole bucket, split per slice."""
+        assert self.feedback is not None
+        old = self.feedback.residuals.pop(bucket_key, None)
+        if old is not None:
+            for key, (a, b) in zip(keys, segments, strict=True):
+                self.feedback.residuals[key] = old[a:b]
+
+    def gather(self, payload: Payload, group: Any) -> tuple[Any, torch.Tensor]:
+        """Start the all-gather of this worker's payload over ``group``: (work, bytes of
+        every worker's payload in rank order)."""
+        return exchange(payload, group, dist.get_world_size(group))
 
     def finish(self, work: Pending, flat: torch.Tensor, size: int) -> torch.Tensor:
         work.work.wait()
@@ -201,24 +220,23 @@ class Compressed(Part):
         total = torch.zeros_like(flat)
         for payload in payloads:
             total += self.codec.decode(payload, flat.numel(), work.segments, flat.dtype)
-        # Every worker takes this result, so they agree again: the controller's
-        # at_consensus then makes it the next anchor.
-        return work.anchor - total / size
+        # Every worker decodes the same payloads alike, so they agree on the result.
+        return total / size
 
     def held_bytes(self) -> int:
-        """Memory kept between syncs: the anchor and the error-feedback residuals."""
-        tensors = [*self.anchor, *(self.feedback.residuals.values() if self.feedback else [])]
+        """Memory kept between syncs besides the anchor: the error-feedback residuals."""
+        tensors = self.feedback.residuals.values() if self.feedback else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_dict(self) -> dict[str, Any]:
         # Copies: the anchor is updated in place at every sync.
-        return {"anchor": [a.clone() for a in self.anchor], "seed": self.seed,
+        anchor = [a.clone() for a in self.anchor.tensors] if self.anchor is not None else []
+        return {"anchor": anchor, "seed": self.seed,
                 "feedback": self.feedback.state_dict() if self.feedback else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "anchor" in state:
-            self.anchor = list(state["anchor"])
-        self.seed = int(state.get("seed", 0))
+        if state.get("anchor") and self.anchor is not None:
+            self.anchor.load(list(state["anchor"]), int(state.get("seed", 0)))
         if self.feedback is not None:
             self.feedback.load_state_dict(state.get("feedback", {}))
 
@@ -226,13 +244,17 @@ class Compressed(Part):
         """A checkpoint without an anchor (written with another reducer) is continued from a
         sync boundary only: every worker holds the checkpoint's model, so it is the anchor,
         exactly, with no residual owed, as right after a compressed sync that ended there.
-        Mid-period the model of the last sync is gone. Residuals are kept per averaging
-        bucket, so they need the bucket layout that wrote them."""
+        Mid-period the model of the last sync is gone. Residuals of codecs that are not
+        segmentwise (and those of older checkpoints) are kept per averaging bucket, so they
+        need the bucket layout that wrote them; the others are kept per parameter."""
         if not state.get("anchor") and not check.consensus:
             return ("resuming mid-period needs the anchor (the model of the last sync) it "
                     "never kept")
-        residuals = state.get("feedback", {}).get("residuals")
-        if self.feedback is not None and residuals and "sync.bucket_mb" in check.changed:
+        residuals = state.get("feedback", {}).get("residuals") or {}
+        by_bucket = not self.codec.segmentwise or any(
+            not str(k).startswith("param") for k in residuals)
+        if (self.feedback is not None and residuals and by_bucket
+                and "sync.bucket_mb" in check.changed):
             return ("its error-feedback residuals are kept per averaging bucket, which "
                     "sync.bucket_mb lays out")
         return None

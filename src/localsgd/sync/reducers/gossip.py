@@ -11,23 +11,21 @@ from typing import Any
 
 import torch
 
-from localsgd.registry import Facts, Part
-from localsgd.sync.parts import REDUCERS, topology_gossips
+from localsgd.registry import Facts
+from localsgd.sync.capabilities import NEIGHBOURS
+from localsgd.sync.parts import REDUCERS
+from localsgd.sync.reducers.base import Reducer
 
 
 @REDUCERS.register
-class GossipMix(Part):
+class GossipMix(Reducer):
     name = "gossip"
     exact = False
     """The result is a neighbourhood's weighted mean, not the mean of every worker."""
 
     @classmethod
-    def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        if topology_gossips(cfg) is False:
-            return [f"sync.reducer: gossip mixes with graph neighbours, which "
-                    f"sync.topology={cfg.topology} does not have; use sync.topology=ring, "
-                    "torus or expander, or sync.reducer=auto"]
-        return []
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({NEIGHBOURS})
 
     def __init__(self, cfg: Any) -> None:
         pass

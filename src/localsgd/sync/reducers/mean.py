@@ -12,23 +12,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from localsgd.registry import Facts, Part
-from localsgd.sync.parts import REDUCERS, topology_gossips
+from localsgd.registry import Facts
+from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
+from localsgd.sync.parts import REDUCERS
+from localsgd.sync.reducers.base import Reducer
 
 
 @REDUCERS.register
-class Mean(Part):
+class Mean(Reducer):
     name = "mean"
     exact = True
     """The result is the mean of every worker of the group."""
 
     @classmethod
-    def check(cls, cfg: Any, facts: Facts) -> list[str]:
-        if topology_gossips(cfg):
-            return [f"sync.reducer: mean all-reduces over every worker, but "
-                    f"sync.topology={cfg.topology} mixes with graph neighbours only; use "
-                    "sync.reducer=auto (or gossip)"]
-        return []
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({CONSENSUS})
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({ALL_WORKERS})
 
     def __init__(self, cfg: Any) -> None:
         pass

@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from localsgd.config.errors import ConfigError
-from localsgd.registry import Part
+from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import LANDS_NOW, REPLACES_STATE, WHOLE_SYNCS
 from localsgd.sync.parts import RUNNERS
 from localsgd.sync.schedules.base import Schedule
 
@@ -14,6 +15,10 @@ from localsgd.sync.schedules.base import Schedule
 @RUNNERS.register
 class Blocking(Part):
     name = "blocking"
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({LANDS_NOW, WHOLE_SYNCS, REPLACES_STATE})
 
     def __init__(self, cfg: Any, averager: Any) -> None:
         self.peak_bytes = 0

@@ -44,6 +44,7 @@ from typing import Any
 from localsgd.config.domains import AT_LEAST_ONE, NON_NEGATIVE, domain
 from localsgd.registry import Facts, Part
 from localsgd.sync.averager import Averager, InFlight
+from localsgd.sync.capabilities import FIXED_PERIOD, WHOLE_SYNCS
 from localsgd.sync.parts import RUNNERS
 from localsgd.sync.schedules.base import MINIBATCH, Schedule
 
@@ -85,13 +86,6 @@ class Overlapped(Part):
         tau, parts = cfg.overlap_steps, cfg.fragments
         if tau == 0:
             return ["sync.overlap_steps: must be >= 1 with sync.runner=overlapped, got 0"]
-        if facts.optimizer == "adamw" and cfg.momentum == "average":
-            return ["sync.momentum: average with optim.name=adamw cannot run overlapped: the "
-                    "correction could push AdamW's second moment below zero; use "
-                    "sync.momentum=local or reset, or sync.overlap_steps=0"]
-        if parts > 1 and cfg.period_rule != "fixed":
-            return [f"sync.fragments: fragments start sync.period / sync.fragments steps "
-                    f"apart, which needs sync.period_rule=fixed (not {cfg.period_rule})"]
         period = getattr(cfg, "period", None)
         if not facts.local_steps or period is None:
             return []
@@ -104,6 +98,15 @@ class Overlapped(Part):
             return [f"sync.overlap_steps: {tau} exceeds {limit}; an average must land before "
                     "the next one starts"]
         return []
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({WHOLE_SYNCS} if cfg.fragments == 1 else ())
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        # Fragments start sync.period / sync.fragments steps apart.
+        return frozenset({FIXED_PERIOD} if cfg.fragments > 1 else ())
 
     def __init__(self, cfg: Any, averager: Averager) -> None:
         self.tau = cfg.overlap_steps

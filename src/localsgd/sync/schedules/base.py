@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from localsgd.config.domains import NON_NEGATIVE, domain
 from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import MODEL_AVERAGES
 
 GLOBAL = "global"
 NODE = "intra"
@@ -53,6 +54,10 @@ class Schedule(Part):
     @classmethod
     def has_local_steps(cls, cfg: Any) -> bool:
         return True
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({MODEL_AVERAGES} if cls.has_local_steps(cfg) else ())
 
     def phase(self, step: int) -> str:
         if self.switch_step is None or step < self.switch_step:

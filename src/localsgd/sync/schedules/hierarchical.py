@@ -6,11 +6,13 @@ optional switch point starts it after a mini-batch phase, as for post-local SGD.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from localsgd.config.domains import AT_LEAST_ONE, domain
 from localsgd.registry import Facts
+from localsgd.sync.capabilities import NODE_GROUPS, RULED_PERIOD
 from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import (
     GLOBAL,
@@ -38,6 +40,10 @@ class Hierarchical(Schedule):
     block_period: int = 1
 
     @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({NODE_GROUPS})
+
+    @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:
         return cls(switch_step=switch_step(cfg, steps_per_epoch), period=cfg.period,
                    block_period=cfg.block_period)
@@ -56,13 +62,33 @@ class Hierarchical(Schedule):
                          "--nnodes>=2); on one node use sync.algorithm=local")
         return p
 
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        # The rule sets the global period; node averages every sync.period steps within it.
+        return super().provides(cfg, facts) | {RULED_PERIOD}
+
+    def with_rule(self, rule: Any) -> Schedule:
+        """The rule sets the period between global averages (at least period *
+        block_period); node averages fall every ``period`` steps after each global one."""
+        if self.switch_step is not None:
+            rule.bind(self.switch_step, self.period * self.block_period)
+        return dataclasses.replace(self, rule=rule)
+
     def action_after(self, steps_done: int) -> str | None:
         if self.switch_step is None or steps_done <= self.switch_step:
             return None
+        if self.rule is not None:
+            if self.rule.is_sync(steps_done):
+                return GLOBAL
+            since = steps_done - self.rule.last_end(steps_done)
+            return NODE if since % self.period == 0 else None
         k = steps_done - self.switch_step
         if k % (self.period * self.block_period) == 0:
             return GLOBAL
         return NODE if k % self.period == 0 else None
 
     def effective_period(self, step: int) -> int:
-        return 1 if self.phase(step) == MINIBATCH else self.period * self.block_period
+        if self.phase(step) == MINIBATCH:
+            return 1
+        return self.rule.period_of(step) if self.rule is not None else (
+            self.period * self.block_period)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from localsgd.config.domains import AT_LEAST_ONE, domain
+from localsgd.registry import Facts
+from localsgd.sync.capabilities import RULED_PERIOD
 from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import Schedule
 
@@ -21,6 +23,10 @@ class PeriodKeys:
 class Local(Schedule):
     name = "local"
     Config = PeriodKeys
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return super().provides(cfg, facts) | {RULED_PERIOD}
 
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localsgd.registry import Facts
+from localsgd.sync.capabilities import RULED_PERIOD
 from localsgd.sync.parts import SCHEDULES
 from localsgd.sync.schedules.base import (
     Schedule,
@@ -26,6 +27,10 @@ class PostLocalKeys(SwitchKeys, PeriodKeys):
 class PostLocal(Schedule):
     name = "post_local"
     Config = PostLocalKeys
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return super().provides(cfg, facts) | {RULED_PERIOD}
 
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:

@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 import torch.distributed as dist
 
 from localsgd.launch.env import DistInfo, node_groups
-from localsgd.registry import Part
+from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.parts import TOPOLOGIES
 from localsgd.sync.schedules.base import GLOBAL, NODE
 
@@ -26,6 +27,10 @@ class Complete(Part):
     """The reducer ``sync.reducer=auto`` picks."""
     mean_reducer: ClassVar[str] = "mean"
     """The reducer that forms the exact average over ``everyone`` (evaluation, the end)."""
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({ALL_WORKERS, NODE_GROUPS})
 
     def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
         self.info = info

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from localsgd.config.domains import NON_NEGATIVE, domain
 from localsgd.launch.env import DistInfo
-from localsgd.registry import Facts, Part, need
+from localsgd.registry import Facts, Part
+from localsgd.sync.capabilities import MODEL_AVERAGES, NEIGHBOURS, WHOLE_SYNCS
 from localsgd.sync.schedules.base import GLOBAL
 from localsgd.sync.topologies import graphs
 
@@ -104,22 +105,7 @@ class Gossip(Part):
     @classmethod
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         p: list[str] = []
-        check = need(p)
         key = f"sync.topology: {cls.name}"
-        check(facts.algorithm != "hierarchical",
-              f"{key} gossips between single workers; sync.algorithm=hierarchical averages "
-              "inside nodes first: use sync.algorithm=local or post_local, or "
-              "sync.topology=complete")
-        check(facts.local_steps,
-              f"{key} replaces model averages, and sync.algorithm={facts.algorithm} takes "
-              "none (it all-reduces gradients every step); for decentralized SGD use "
-              "sync.algorithm=local sync.period=1")
-        check(cfg.update == "copy",
-              f"sync.update: {cfg.update} steps on the average of every worker, which "
-              f"{cls.name} gossip never forms; use sync.update=copy")
-        check(cfg.fragments == 1,
-              f"sync.fragments: {cfg.fragments} with {cls.name} gossip is not supported; each "
-              "fragment would mix at its own step, so use sync.fragments=1")
         if facts.world_size is not None:
             try:
                 cls.graph(facts.world_size)
@@ -127,6 +113,15 @@ class Gossip(Part):
                 p.append(f"{key}: {exc}; launch another number of workers or choose "
                          "another topology")
         return p
+
+    @classmethod
+    def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({NEIGHBOURS})
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        # Each fragment would mix at its own step, with neighbours that moved meanwhile.
+        return frozenset({MODEL_AVERAGES, WHOLE_SYNCS})
 
     def __init__(self, cfg: Any, info: DistInfo, scopes: tuple[str, ...]) -> None:
         self.info = info

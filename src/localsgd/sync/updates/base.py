@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from localsgd.registry import Part
@@ -23,6 +25,29 @@ class Update(Part):
         returned and ``out`` is where the result goes (may be ``local`` itself).
         """
         raise NotImplementedError
+
+    uses_anchor: ClassVar[bool] = False
+    """Whether the sync must keep an anchor for this update."""
+    anchor_on_cpu: bool = False
+    """Where that anchor lives: host memory, or the model's device."""
+    anchor: Any = None
+    """The sync's anchor (``sync.anchor.Anchor``) when the sync keeps one."""
+
+    def bind(self, anchor: Any) -> None:
+        self.anchor = anchor
+
+    def apply_delta(self, index: int, start: int, local: torch.Tensor, delta: torch.Tensor,
+                    anchor: torch.Tensor, out: torch.Tensor) -> None:
+        """Like ``apply`` for a reducer that carries pseudo-gradients: ``delta`` is the
+        reduced anchor - theta and ``anchor`` the anchor's slice, which moves to the model
+        every worker now agrees on. Updates that step on Delta itself override this."""
+        reduced = anchor - delta.to(anchor.device)
+        self.apply(index, start, local, reduced.to(out.device), out)
+        anchor.copy_(reduced)
+
+    def held_bytes(self) -> int:
+        """Memory this update keeps between syncs besides the anchor (outer momentum)."""
+        return 0
 
     def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
         """Every worker holds ``params`` after ``step`` steps, and local steps follow."""

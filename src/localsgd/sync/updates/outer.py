@@ -29,7 +29,8 @@ import torch
 
 from localsgd.config.domains import FRACTION, POSITIVE, domain
 from localsgd.registry import Facts, need
-from localsgd.sync.buckets import flat_view
+from localsgd.sync.anchor import Anchor
+from localsgd.sync.capabilities import CONSENSUS, MODEL_AVERAGES
 from localsgd.sync.parts import UPDATES
 from localsgd.sync.updates.base import Update
 
@@ -71,32 +72,32 @@ class Outer(Update):
         check = need(problems)
         check(not o.nesterov or o.momentum > 0,
               "sync.outer.nesterov: Nesterov needs sync.outer.momentum > 0")
-        check(facts.local_steps, f"sync.update: outer steps on model averages, and "
-              f"sync.algorithm={facts.algorithm} never averages models; use local, post_local "
-              "or hierarchical")
         return problems
+
+    @classmethod
+    def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
+        return frozenset({MODEL_AVERAGES, CONSENSUS})
+
+    uses_anchor = True
 
     def __init__(self, cfg: Any) -> None:
         o = cfg.outer
         self.lr, self.beta, self.nesterov = float(o.lr), float(o.momentum), bool(o.nesterov)
         self.scaled = bool(o.scale_by_inner_lr)
         self.on_cpu = StateDevice(o.state_device) == StateDevice.cpu
-        self.anchor: list[torch.Tensor] = []
-        """Per parameter, flat in memory order."""
+        self.anchor_on_cpu = self.on_cpu
+        self.anchor: Anchor = Anchor(self.on_cpu)
+        """The sync's anchor, bound by the controller; saved with this part's state."""
         self.velocity: list[torch.Tensor] = []
-        self.anchor_step = -1
-        """The step after which the anchor was last set."""
         self.gamma = 1.0
 
+    @property
+    def anchor_step(self) -> int:
+        return self.anchor.step
+
     def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
-        if step == self.anchor_step:
-            return  # the sync that just ended wrote the anchor already
-        device = torch.device("cpu") if self.on_cpu else None
-        # In memory order, as the averager hands over slices (``flat_view``).
-        self.anchor = [flat_view(p.detach()).to(device or p.device, copy=True) for p in params]
         if self.beta > 0 and not self.velocity:
-            self.velocity = [torch.zeros_like(a) for a in self.anchor]
-        self.anchor_step = step
+            self.velocity = [torch.zeros_like(a) for a in self.anchor.tensors]
 
     def begin(self, step: int, inner_lr: float) -> None:
         if not self.anchor:
@@ -106,13 +107,26 @@ class Outer(Update):
             raise RuntimeError(f"sync.outer.scale_by_inner_lr needs a positive inner learning "
                                f"rate, got {inner_lr} at step {step}")
         self.gamma = inner_lr if self.scaled else 1.0
-        self.anchor_step = step
+        self.anchor.step = step
 
     def apply(self, index: int, start: int, local: torch.Tensor, reduced: torch.Tensor,
               out: torch.Tensor) -> None:
-        n = reduced.numel()
-        anchor = self.anchor[index][start:start + n]
-        grad = anchor.sub(reduced.to(anchor.device)).div_(self.gamma)
+        anchor = self.anchor.tensors[index][start:start + reduced.numel()]
+        self._step(index, start, anchor, anchor.sub(reduced.to(anchor.device)), out)
+
+    def apply_delta(self, index: int, start: int, local: torch.Tensor, delta: torch.Tensor,
+                    anchor: torch.Tensor, out: torch.Tensor) -> None:
+        self._step(index, start, anchor, delta.to(anchor.device, copy=True), out)
+
+    def held_bytes(self) -> int:
+        """Outer momentum (the anchor is the sync's, counted once)."""
+        return sum(v.numel() * v.element_size() for v in self.velocity)
+
+    def _step(self, index: int, start: int, anchor: torch.Tensor, delta: torch.Tensor,
+              out: torch.Tensor) -> None:
+        """One outer step of ``anchor`` (a slice) on the pseudo-gradient ``delta`` (owned)."""
+        grad = delta.div_(self.gamma)
+        n = grad.numel()
         if self.beta > 0:
             u = self.velocity[index][start:start + n]
             u.mul_(self.beta).add_(grad)
@@ -122,9 +136,13 @@ class Outer(Update):
         anchor.sub_(step, alpha=self.lr * self.gamma)
         out.copy_(anchor)
 
+    def bind(self, anchor: Anchor) -> None:
+        self.anchor = anchor
+
     def state_dict(self) -> dict[str, Any]:
-        return {"anchor": self.anchor, "velocity": self.velocity,
-                "anchor_step": self.anchor_step}
+        # Copies: the anchor and momentum move in place at every sync.
+        return {"anchor": [a.clone() for a in self.anchor.tensors],
+                "velocity": [v.clone() for v in self.velocity], "anchor_step": self.anchor.step}
 
     def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
         """A checkpoint without an anchor (written with sync.update=copy) is continued from
@@ -140,8 +158,8 @@ class Outer(Update):
         if not state:
             return
         device = torch.device("cpu") if self.on_cpu else None
-        self.anchor = [t.to(device or t.device) for t in state["anchor"]]
+        if state["anchor"]:
+            self.anchor.load(list(state["anchor"]), int(state["anchor_step"]))
         self.velocity = [t.to(device or t.device) for t in state["velocity"]]
         if self.beta > 0 and self.anchor and not self.velocity:
-            self.velocity = [torch.zeros_like(a) for a in self.anchor]
-        self.anchor_step = int(state["anchor_step"])
+            self.velocity = [torch.zeros_like(a) for a in self.anchor.tensors]
