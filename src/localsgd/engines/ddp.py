@@ -123,7 +123,8 @@ class DDPEngine(EnginePart):
         if not rebuilt and self.wrapped._has_rebuilt_buckets:
             self._count_bucket_rebuild()
         with timer.phase("backward"):
-            self.amp.backward(loss * scale)
+            # No multiply (a kernel forward and one backward) when nothing is accumulated.
+            self.amp.backward(loss * scale if scale != 1.0 else loss)
         return loss.detach(), logits.detach()
 
     def _count_bucket_rebuild(self) -> None:
