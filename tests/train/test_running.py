@@ -26,10 +26,18 @@ def test_folds_anywhere_equal_the_running_float64_sums() -> None:
     assert stats.totals[2] == sum(counts)
 
 
+def test_sums_hit_masks_of_any_shape() -> None:
+    stats = RunningStats(torch.zeros(3, dtype=torch.float64))
+    hits = [torch.tensor([[True, False, True]]), torch.tensor([True, True]), torch.tensor(1)]
+    for h in hits:
+        stats.add(torch.tensor(0.5), h, h.numel())
+    assert stats.fold().tolist() == [0.5 * 6, 5.0, 6.0]
+
+
 def test_holds_at_most_fold_at_steps() -> None:
     stats = RunningStats(torch.zeros(3, dtype=torch.float64))
     for _ in range(RunningStats.FOLD_AT + 1):
         stats.add(torch.tensor(1.0), torch.tensor(2), 4)
-    assert len(stats._count) == 1
+    assert len(stats._count) == 1  # the rest folded
     assert stats.totals.tolist() == [4.0 * RunningStats.FOLD_AT, 2.0 * RunningStats.FOLD_AT,
                                      4.0 * RunningStats.FOLD_AT]

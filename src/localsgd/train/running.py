@@ -8,11 +8,13 @@ import torch
 class RunningStats:
     """Train loss sum, correct predictions and loss terms of this epoch on this rank.
 
-    A step only keeps its detached loss and correct-count tensors (no kernel, no copy);
-    they are folded into ``totals`` (float64 on the host) when something reads the sums: a
-    log step, which waits for the device anyway, a checkpoint, the epoch's end. The fold
-    adds them in step order in float64, exactly as a running ``totals[0] += loss * n``
-    would, so where the folds fall never changes the sums.
+    A step only keeps its detached loss and its predictions' hit mask: no kernel beyond the
+    comparison and no copy (a sum over a bool mask alone launches five ops, and a running
+    ``totals[i] += ...`` a view, a cast and a copy each). They are folded into ``totals``
+    (float64, on the host) when something reads the sums: a log step, which waits for the
+    device anyway, a checkpoint, the epoch's end. The fold adds the losses in step order in
+    float64, exactly as ``totals[0] += loss.double() * n`` at every step would, so where the
+    folds fall never changes the sums.
     """
 
     FOLD_AT = 1024
@@ -23,13 +25,14 @@ class RunningStats:
         self.totals = totals
         """[loss sum, correct, count] (float64, host): the checkpointed ``TrainState.stats``."""
         self._loss: list[torch.Tensor] = []
-        self._correct: list[torch.Tensor] = []
+        self._hits: list[torch.Tensor] = []
         self._count: list[int] = []
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, count: int) -> None:
-        """One micro-batch: its mean loss over ``count`` terms and its correct predictions."""
+    def add(self, loss: torch.Tensor, hits: torch.Tensor, count: int) -> None:
+        """One micro-batch: its mean loss over ``count`` terms and where its predictions
+        were right (a bool mask, or a count)."""
         self._loss.append(loss)
-        self._correct.append(correct)
+        self._hits.append(hits)
         self._count.append(count)
         if len(self._count) >= self.FOLD_AT:
             self.fold()
@@ -39,12 +42,13 @@ class RunningStats:
         if not self._count:
             return self.totals
         losses = torch.stack(self._loss).double().tolist()
-        correct = torch.stack(self._correct).tolist()
-        loss_sum, right, count = self.totals.tolist()
-        for loss, c, n in zip(losses, correct, self._count, strict=True):
+        # Whole numbers below 2**53: their float64 sum is exact in any order.
+        right = int(torch.cat([h.reshape(-1) for h in self._hits]).sum(dtype=torch.int64))
+        loss_sum, correct, count = self.totals.tolist()
+        for loss, n in zip(losses, self._count, strict=True):
             loss_sum += loss * n
-            right += c
             count += n
-        self.totals.copy_(torch.tensor([loss_sum, right, count], dtype=torch.float64))
-        self._loss, self._correct, self._count = [], [], []
+        correct += right
+        self.totals.copy_(torch.tensor([loss_sum, correct, count], dtype=torch.float64))
+        self._loss, self._hits, self._count = [], [], []
         return self.totals
