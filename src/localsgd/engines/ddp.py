@@ -141,9 +141,11 @@ class DDPEngine(EnginePart):
             else:
                 model = self.local_module
         with timer.phase("forward"):
-            with self.amp.forward():
+            if self.amp.dtype is None:  # fp32: no autocast context to enter (four calls)
                 logits = model(x)
-            if self.amp.dtype is not None:
+            else:
+                with self.amp.forward():
+                    logits = model(x)
                 logits = logits.float()  # the loss in fp32, as autocast would compute it
             loss = loss_fn(logits, y)
         if not rebuilt and ddp is not None and ddp._has_rebuilt_buckets:
