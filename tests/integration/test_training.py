@@ -25,7 +25,7 @@ def test_cifar10_two_workers_learn_and_agree(tmp_path: Path, cifar_root: Path) -
                      "data.train_subset=4096",
                      "data.test_subset=1000", "data.num_workers=0", "train.epochs=3",
                      "lr_schedule.warmup_epochs=0", "lr_schedule.milestones=[]",
-                     "optim.base_lr=0.05",
+                     "optim.base_lr=0.05", "train.track_time=true",
                      "train.progress=false"], timeout=600)
     assert (run / "config.yaml").is_file() and (run / "model.pt").is_file()
     epochs = [r for r in read_metrics(run) if r["event"] == "epoch"]

@@ -13,7 +13,7 @@ import torch
 from localsgd.config.errors import ConfigError
 from localsgd.config.schema import Backend, DistConfig
 from localsgd.launch.env import choose_backend
-from localsgd.train.timing import PHASES, PhaseTimer
+from localsgd.train.timing import PHASES, NoPhaseTimer, PhaseTimer, build_timer
 
 CUDA = torch.device("cuda", 0)
 
@@ -50,3 +50,12 @@ def test_cpu_phase_timer_sums_each_phase_and_resets() -> None:
     assert set(out) == {f"time/{p}" for p in PHASES}
     assert out["time/forward"] > 0 and out["time/data"] == 0.0
     assert timer.pop()["time/forward"] == 0.0
+
+
+def test_phase_timer_is_off_unless_track_time_asks() -> None:
+    assert isinstance(build_timer(torch.device("cpu"), True), PhaseTimer)
+    timer = build_timer(torch.device("cpu"), False)
+    assert isinstance(timer, NoPhaseTimer)
+    with timer.phase("forward"):
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    assert timer.pop() == {}

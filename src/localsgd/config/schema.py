@@ -271,6 +271,10 @@ class TrainConfig:
     results are "eval" records. LM epochs are long, so LM recipes evaluate by steps."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
+    track_time: bool = False
+    """Time each phase of the steps (data, forward, backward, comm+optimizer; CUDA events on
+    a GPU) and log the sums per epoch as time/*. Off, the step records nothing: the timer
+    costs host time and, on a GPU, eight events per step, which shows for small models."""
     compile: bool = False
     """torch.compile the training forward and backward: less Python overhead per step, which
     matters for small models and batches; the first steps pay for compilation. ddp compiles

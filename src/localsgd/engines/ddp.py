@@ -1,9 +1,12 @@
 """PyTorch DistributedDataParallel engine with a counting, skippable gradient all-reduce.
 
 Mini-batch steps run DDP's bucketed all-reduce through a comm hook (so it still overlaps with
-backward and every byte is counted). Local steps switch DDP's gradient sync off for the whole
-step, so the reducer issues nothing; buffers are never broadcast (the sync controller averages
-them), which keeps local steps free of any collective.
+backward and every byte is counted). Local steps run the plain module, bypassing DDP's
+Python forward: its reducer would have nothing to do (gradient sync is off for the whole
+step), and a host-bound small model pays for every call. One worker has nothing to reduce
+and runs no DDP at all. Buffers are never broadcast (the sync controller averages them),
+which keeps local steps free of any collective. The module is the same object either way, so
+the state_dict keys and old checkpoints are unchanged.
 
 A channels_last model needs nothing special: DDP lays each gradient's view into its bucket
 out with the parameter's strides (``gradient_as_bucket_view``), so gradients and the
@@ -79,51 +82,77 @@ class DDPEngine(EnginePart):
         self.optimizer = ctx.optimizer
         self.info = info
         self.meter = meter
+        self.grad_compression = ctx.grad_compression
+        backend = ctx.facts.compile_backend
+        self.wrapped: DistributedDataParallel | None = None
+        """DDP, for gradient all-reduces; None with one worker, which has nothing to reduce
+        (its hook would hand each bucket back as is), so steps run the plain module."""
         if info.world_size > 1:
             broadcast_state(module, meter)
-        self.wrapped = DistributedDataParallel(
+            self.wrapped = self._wrap(module, ctx)
+        self.amp = Autocast(ctx.facts.precision, info.device)
+        self.grad_clip = ctx.facts.grad_clip
+        # train.compile: the DDP wrapper is compiled, not the bare module, so dynamo splits
+        # the graph at DDP's bucket boundaries and all-reduces still overlap with backward.
+        # The module itself stays plain: its parameters are what the sync code averages,
+        # its state_dict has no prefixes, and evaluation and the averaged copy run it as is.
+        stepped: nn.Module = self.wrapped if self.wrapped is not None else module
+        self.step_module = (stepped if backend is None
+                            else torch.compile(stepped, backend=backend))
+        self.local_module: nn.Module | None = module if backend is None else None
+        """What a step without gradient sync runs instead of DDP (its reducer would sit the
+        step out): the plain module, sparing DDP's Python forward. A compiled step always
+        runs its compiled wrapper."""
+        self._synced = False
+        """A step with gradient sync has run. DDP agrees on its bucket order in the forward
+        after the first one, so from then until it has, every step goes through DDP."""
+
+    @staticmethod
+    def _wrap(module: nn.Module, ctx: EngineContext) -> DistributedDataParallel:
+        info, meter = ctx.info, ctx.meter
+        wrapped = DistributedDataParallel(
             module,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
             **NO_BUFFER_SYNC,
             init_sync=False,
             gradient_as_bucket_view=True,
         )
-        self.grad_compression = ctx.grad_compression
-        if ctx.grad_compression is not None and info.world_size > 1:
+        if ctx.grad_compression is not None:
             ctx.grad_compression.bind(module)
-            self.wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
+            wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
         else:
-            self.wrapped.register_comm_hook(_HookState(meter, info.world_size),
-                                            _counting_allreduce)
-        self.amp = Autocast(ctx.facts.precision, info.device)
-        self.grad_clip = ctx.facts.grad_clip
-        backend = ctx.facts.compile_backend
-        # train.compile: the DDP wrapper is compiled, not the bare module, so dynamo splits
-        # the graph at DDP's bucket boundaries and all-reduces still overlap with backward.
-        # The module itself stays plain: its parameters are what the sync code averages,
-        # its state_dict has no prefixes, and evaluation and the averaged copy run it as is.
-        self.step_module = (self.wrapped if backend is None
-                            else torch.compile(self.wrapped, backend=backend))
+            wrapped.register_comm_hook(_HookState(meter, info.world_size), _counting_allreduce)
+        return wrapped
 
     def train(self, mode: bool = True) -> None:
-        self.wrapped.train(mode)
+        (self.wrapped if self.wrapped is not None else self.module).train(mode)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
                          scale: float, grad_sync: bool,
                          timer: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch; all-reduce its gradients only when ``grad_sync``."""
-        self.wrapped.require_backward_grad_sync = grad_sync
-        rebuilt = self.wrapped._has_rebuilt_buckets
+        ddp, model, rebuilt = self.wrapped, self.step_module, True
+        if ddp is not None:
+            if self.local_module is None or grad_sync or (
+                    self._synced and not ddp._has_rebuilt_buckets):
+                ddp.require_backward_grad_sync = grad_sync
+                self._synced |= grad_sync
+                rebuilt = ddp._has_rebuilt_buckets
+            else:
+                model = self.local_module
         with timer.phase("forward"):
-            with self.amp.forward():
-                logits = self.step_module(x)
-            if self.amp.dtype is not None:
+            if self.amp.dtype is None:  # fp32: no autocast context to enter (four calls)
+                logits = model(x)
+            else:
+                with self.amp.forward():
+                    logits = model(x)
                 logits = logits.float()  # the loss in fp32, as autocast would compute it
             loss = loss_fn(logits, y)
-        if not rebuilt and self.wrapped._has_rebuilt_buckets:
+        if not rebuilt and ddp is not None and ddp._has_rebuilt_buckets:
             self._count_bucket_rebuild()
         with timer.phase("backward"):
-            self.amp.backward(loss * scale)
+            # No multiply (a kernel forward and one backward) when nothing is accumulated.
+            self.amp.backward(loss * scale if scale != 1.0 else loss)
         return loss.detach(), logits.detach()
 
     def _count_bucket_rebuild(self) -> None:
@@ -132,6 +161,7 @@ class DDPEngine(EnginePart):
         It broadcasts the int32 parameter order (one entry per tensor, plus one) and the int32
         bucket sizes: two calls whose sizes follow from the model and the bucket layout.
         """
+        assert self.wrapped is not None
         sizes = str(self.wrapped._get_ddp_logging_data().get("bucket_sizes", "0"))
         num_buckets = len(sizes.split(","))
         num_tensors = sum(1 for p in self.module.parameters() if p.requires_grad)

@@ -306,7 +306,7 @@ class DeepSpeedEngine(EnginePart):
                 loss = loss_fn(logits, y)
             with timer.phase("backward"), self.ds.no_sync() if skip else nullcontext():
                 # Scaled here, not by DeepSpeed, so the gradient is bit-identical to DDP's.
-                self.ds.backward(loss * scale, scale_wrt_gas=False)
+                self.ds.backward(loss * scale if scale != 1.0 else loss, scale_wrt_gas=False)
         self._micro += 1
         return loss.detach(), logits.detach()
 

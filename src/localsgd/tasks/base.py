@@ -54,12 +54,16 @@ class Task:
     def to_device(self, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                   dtype: torch.dtype, layout: torch.memory_format
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Floating inputs take the model's dtype and layout; token ids stay integers."""
+        """Floating inputs take the model's dtype and layout; token ids stay integers.
+        Tensors already there (the device pipeline's) are not passed through ``to``, which
+        would still dispatch an op each."""
         if x.is_floating_point():
-            x = x.to(device, dtype, non_blocking=True, memory_format=layout)
-        else:
+            if x.device != device or x.dtype != dtype or not (
+                    layout == torch.preserve_format or x.is_contiguous(memory_format=layout)):
+                x = x.to(device, dtype, non_blocking=True, memory_format=layout)
+        elif x.device != device:
             x = x.to(device, non_blocking=True)
-        return x, y.to(device, non_blocking=True)
+        return x, (y if y.device == device else y.to(device, non_blocking=True))
 
     def metrics(self, prefix: str, loss_sum: float, correct: float, count: float
                 ) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Wall time per training phase (data, forward, backward, comm+optimizer), summed per epoch."""
+"""Wall time per training phase (data, forward, backward, comm+optimizer), summed per epoch,
+when ``train.track_time`` asks for it; otherwise a timer that records nothing."""
 
 from __future__ import annotations
 
@@ -62,3 +63,32 @@ class PhaseTimer:
         out = {f"time/{k}": self.totals.get(k, 0.0) for k in PHASES}
         self.totals = defaultdict(float)
         return out
+
+
+class _Untimed:
+    """The phase of a timer that is off: entering and leaving it does nothing."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_UNTIMED = _Untimed()
+
+
+class NoPhaseTimer:
+    """``train.track_time=false``: no events, no clock reads; epoch records get no time/*
+    phase keys."""
+
+    def phase(self, name: str) -> _Untimed:
+        return _UNTIMED
+
+    def pop(self) -> dict[str, float]:
+        return {}
+
+
+def build_timer(device: torch.device, track: bool) -> PhaseTimer | NoPhaseTimer:
+    """The per-phase timer when ``track`` (``train.track_time``), else one that costs nothing."""
+    return PhaseTimer(device) if track else NoPhaseTimer()

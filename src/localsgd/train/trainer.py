@@ -32,8 +32,12 @@ from localsgd.tasks import build_task
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
 from localsgd.train.optim import LRCurve, build_optimizer, build_scheduler, scaled_lr
+from localsgd.train.running import RunningStats
 from localsgd.train.state import TrainState, rng_state, set_rng_state
-from localsgd.train.timing import PhaseTimer
+from localsgd.train.timing import build_timer
+
+_profiling = torch._C._autograd._profiler_enabled
+"""True while a torch profiler records (a C call: no Python frame on the step's path)."""
 
 
 class TrainingError(RuntimeError):
@@ -49,7 +53,7 @@ class Trainer:
         self.device = info.device
         self.run_dir = Path(cfg.run.dir)
         self.meter = CommMeter()
-        self.timer = PhaseTimer(self.device)
+        self.timer = build_timer(self.device, cfg.train.track_time)
         self.state = TrainState()
         self.last_eval: dict[str, float] = {}
         self.merged = False
@@ -240,15 +244,19 @@ class Trainer:
             st.epoch_comm_bytes = self.meter.flat()["comm/bytes"]
         self.engine.train()
         loss_fn = self.task.loss_fn()
-        stats = st.stats.to(self.device)
+        stats = RunningStats(st.stats)
         resumed_at = time.perf_counter()
         batches = iter(self.loader)
         bar = tqdm(total=self.steps_per_epoch, initial=st.epoch_step, desc=f"epoch {st.epoch}",
                    leave=False, disable=not (cfg.train.progress and info.is_main))
         every = cfg.run.checkpoint_every_steps
         while st.epoch_step < self.steps_per_epoch and not self._done():
-            # A named scope per step lets profiler traces attribute every collective to a step.
-            with record_function(f"localsgd.step.{self.controller.step}"):
+            # A named scope per step lets profiler traces attribute every collective to a step;
+            # with no profiler running nothing would record it, and it costs ten Python calls.
+            if _profiling():
+                with record_function(f"localsgd.step.{self.controller.step}"):
+                    loss_t = self._train_step(batches, loss_fn, stats)
+            else:
                 loss_t = self._train_step(batches, loss_fn, stats)
             st.epoch_step += 1
             bar.update(1)
@@ -256,6 +264,7 @@ class Trainer:
                 # Reading the loss waits for the device, so it happens only every
                 # log_every_steps steps; a checkpoint checks the parameters itself.
                 loss = self._checked_loss(loss_t)
+                stats.fold()  # the device is done with these steps already
                 if info.is_main:
                     bar.set_postfix(loss=f"{loss:.3f}")
                     self.reporters.log({
@@ -271,21 +280,22 @@ class Trainer:
             if every and self.controller.step % every == 0 and (
                     st.epoch_step < self.steps_per_epoch and not self._done()):
                 # Epoch ends save in _end_epoch, after the epoch's records are complete.
-                st.stats.copy_(stats)
+                stats.fold()
                 st.elapsed = time.perf_counter() - start
                 st.epoch_seconds += time.perf_counter() - resumed_at
                 resumed_at = time.perf_counter()
                 self._save_checkpoint()
         bar.close()
-        st.stats.copy_(stats)
+        stats.fold()
         st.epoch_seconds += time.perf_counter() - resumed_at
         st.epoch += 1
         st.epoch_step = 0
-        self._end_epoch(stats, start)
+        self._end_epoch(st.stats, start)
 
     def _train_step(self, batches: Iterator[Any], loss_fn: nn.Module,
-                    stats: torch.Tensor) -> torch.Tensor:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the last loss."""
+                    stats: RunningStats) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the last loss
+        (detached, as the engine hands it over)."""
         accum = self.cfg.train.grad_accum
         sync = self.controller.grad_sync()
         for micro in range(accum):
@@ -294,14 +304,12 @@ class Trainer:
                                            self.layout)
             loss, logits = self.engine.forward_backward(
                 x, y, loss_fn, 1.0 / accum, sync and micro == accum - 1, self.timer)
-            stats[0] += loss.double() * y.numel()
-            stats[1] += (logits.argmax(-1) == y).sum()
-            stats[2] += y.numel()
+            stats.add(loss, logits.argmax(-1) == y, y.numel())
         with self.timer.phase("comm_opt"):
             self.engine.optimizer_step()
             self.scheduler.step()
             self.controller.after_step(self.engine)
-        return loss.detach()
+        return loss
 
     def _checked_loss(self, loss: torch.Tensor) -> float:
         value = float(loss)
