@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,3 +42,13 @@ def assert_refused(overrides: list[str], starts: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert [p for p in err.value.problems if p.startswith(starts)], err.value.problems
+
+
+def wandb_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of the run's one offline W&B file, as W&B's own reader prints it."""
+    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
+                          str(files[0])], capture_output=True, text=True, timeout=60,
+                         check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

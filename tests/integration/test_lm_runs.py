@@ -9,17 +9,14 @@ to below 2.8 bits per byte.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import REPO, free_port, torchrun, worker_env
-from helpers import final_model, summary
+from helpers import final_model, summary, wandb_records
 
 from localsgd.recipe import load_config
 from localsgd.report.files import read_metrics
@@ -106,18 +103,9 @@ def test_validation_is_the_exact_mean_over_every_token(diloco: dict[str, Any]) -
     assert abs(got - exact) < abs(mean_of_means - exact) or mean_of_means == exact
 
 
-def _wandb_records(run_dir: Path) -> list[dict[str, Any]]:
-    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
-                          str(files[0])], capture_output=True, text=True, timeout=60,
-                         check=True)
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
-
 def test_wandb_offline_run_holds_the_lm_metrics_on_a_tokens_axis(
         diloco: dict[str, Any]) -> None:
-    log = _wandb_records(diloco["dir"])
+    log = wandb_records(diloco["dir"])
     history = [r["history"]["item"] for r in log if r["type"] == "history"]
     evals = [h for h in history if "eval/bpb" in h]
     records = [r for r in read_metrics(diloco["dir"]) if "eval/bpb" in r]

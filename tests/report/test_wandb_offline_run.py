@@ -12,17 +12,14 @@ Two 2-process runs of the tiny synthetic recipe share this module:
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from conftest import synthetic_args, torchrun, worker_env
-from helpers import summary
+from helpers import summary, wandb_records
 
 from localsgd.report.files import read_metrics
 from localsgd.report.plots import PLOTS, collect_series, draw, plot_runs
@@ -62,18 +59,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "mb_proc": mb_proc}
 
 
-def _wandb_records(run_dir: Path) -> list[dict[str, Any]]:
-    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json",
-                          str(files[0])], capture_output=True, text=True, timeout=60,
-                         check=True)
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
-
 @pytest.fixture(scope="module")
 def wandb_log(runs: dict[str, Any]) -> list[dict[str, Any]]:
-    return _wandb_records(runs["local"])
+    return wandb_records(runs["local"])
 
 
 def _same(a: Any, b: Any) -> bool:

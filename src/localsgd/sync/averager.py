@@ -111,10 +111,7 @@ class Averager:
         sq = 0.0
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
-            nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
-            with self.meter.timed(kind, nbytes):
-                work = self.reducer.start(bucket.flat, group, bucket.slices)
-                result = self.reducer.finish(work, bucket.flat, size)
+            result = self._reduce(bucket, group, size, kind)
             for s in bucket.slices:
                 n = s.local.numel()
                 reduced = result[s.pos:s.pos + n]
@@ -126,6 +123,13 @@ class Averager:
                 else:
                     target.copy_(reduced)
         return self._distance(sq)
+
+    def _reduce(self, bucket: Any, group: Any, size: int, kind: str) -> torch.Tensor:
+        """One bucket through the reducer, launched and landed, counted under ``kind``."""
+        nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
+        with self.meter.timed(kind, nbytes):
+            work = self.reducer.start(bucket.flat, group, bucket.slices)
+            return self.reducer.finish(work, bucket.flat, size)
 
     def _average_delta(self, params: list[torch.Tensor], group: Any, size: int, kind: str,
                        update: Any, dst: list[torch.Tensor]) -> None:
@@ -139,10 +143,7 @@ class Averager:
             for s in bucket.slices:
                 a = anchor[s.index][s.start:s.start + s.packed.numel()]
                 torch.sub(a.to(s.packed.device), s.packed, out=s.packed)
-            nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
-            with self.meter.timed(kind, nbytes):
-                work = self.reducer.start(bucket.flat, group, bucket.slices)
-                result = self.reducer.finish(work, bucket.flat, size)
+            result = self._reduce(bucket, group, size, kind)
             for s in bucket.slices:
                 n = s.local.numel()
                 update.apply_delta(s.index, s.start, s.local, result[s.pos:s.pos + n],
