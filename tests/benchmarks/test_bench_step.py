@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO, run_group, worker_env
 
@@ -17,6 +18,7 @@ import step_harness  # noqa: E402
 SETUPS = {"1 worker", "2 workers H=4", "2 workers H=1"}
 
 
+@pytest.mark.slow  # three benchmark launches of gloo workers: about a minute
 def test_quick_mode_measures_every_setup_and_averages_exactly(tmp_path: Path) -> None:
     out, check = tmp_path / "step.json", tmp_path / "check"
     check.mkdir()
