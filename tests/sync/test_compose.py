@@ -16,26 +16,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from threads import FakeTarget, Worker, run_workers
+from threads import FakeTarget, Worker, run_workers, scaled_sign
 
 from localsgd.sync.config import SyncConfig
 from localsgd.sync.reducers.compressed import CompressionKeys
 from localsgd.sync.updates.outer import OuterOptimizerKeys
 
-SEGMENTS = [(0, 40), (40, 61), (61, 66)]  # FakeTarget's parameters: (40,), (7, 3), (5,)
-
 
 def lr_at(step: int) -> float:
     """An inner learning rate that changes every step, so gamma's convention matters."""
     return 0.1 / (1 + 0.25 * step)
-
-
-def scaled_sign(m: np.ndarray) -> np.ndarray:
-    out = np.empty_like(m)
-    for a, b in SEGMENTS:
-        scale = np.float32(np.abs(m[a:b]).mean())
-        out[a:b] = float(scale) * np.where(m[a:b] >= 0, 1.0, -1.0)
-    return out
 
 
 def compressed_outer(alpha: float, beta: float, nesterov: bool, scaled: bool,

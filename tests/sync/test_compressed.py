@@ -16,12 +16,12 @@ import pytest
 import torch
 from helpers import assert_refused
 from procs import Record, Scenario, run_processes
+from threads import scaled_sign
 
 from localsgd.sync.reducers.compressed import CompressionKeys
 from localsgd.sync.updates.outer import OuterOptimizerKeys
 
 K = 4
-SEGMENTS = [(0, 40), (40, 61), (61, 66)]  # FakeTarget's parameters: (40,), (7, 3), (5,)
 
 
 def local(method: str, **kw: object) -> dict[str, object]:
@@ -62,14 +62,6 @@ SCENARIOS = [
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Record]]:
     return run_processes(K, SCENARIOS, tmp_path_factory.mktemp("compressed"))
-
-
-def scaled_sign(m: np.ndarray) -> np.ndarray:
-    out = np.empty_like(m)
-    for a, b in SEGMENTS:
-        scale = np.float32(np.abs(m[a:b]).mean())
-        out[a:b] = float(scale) * np.where(m[a:b] >= 0, 1.0, -1.0)
-    return out
 
 
 def top_k(m: np.ndarray, k: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from localsgd.launch.env import DistInfo
@@ -202,6 +203,19 @@ class ThreadCompressed(Compressed):
     def gather(self, payload: Any, group: Any) -> tuple[Any, torch.Tensor]:
         flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in payload.tensors])
         return ThreadGather(), group.all_gather(flat)
+
+
+SEGMENTS = [(0, 40), (40, 61), (61, 66)]
+"""Flat offsets of FakeTarget's default parameters, shapes (40,), (7, 3) and (5,)."""
+
+
+def scaled_sign(m: np.ndarray) -> np.ndarray:
+    """numpy's scaled sign of a flat FakeTarget model: mean |m| x sign(m) per parameter."""
+    out = np.empty_like(m)
+    for a, b in SEGMENTS:
+        scale = np.float32(np.abs(m[a:b]).mean())
+        out[a:b] = float(scale) * np.where(m[a:b] >= 0, 1.0, -1.0)
+    return out
 
 
 class FakeTarget:
