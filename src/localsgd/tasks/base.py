@@ -28,6 +28,8 @@ class Task:
     name: ClassVar[str]
     unit: ClassVar[str] = "samples"
     """What the loss averages over and throughput counts: samples, or tokens."""
+    headline: ClassVar[str] = "eval/acc"
+    """The summary metric a re-launch of a finished run reports."""
 
     def __init__(self, model_cfg: Any, data_cfg: Any, seed: int) -> None:
         self.model_cfg, self.data_cfg, self.seed = model_cfg, data_cfg, seed

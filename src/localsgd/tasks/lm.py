@@ -45,6 +45,7 @@ def cache_dir(configured: str | None) -> Path:
 class LanguageModel(Task):
     name = "lm"
     unit = "tokens"
+    headline = "eval/bpb"
 
     @classmethod
     def check(cls, cfg: Any) -> list[str]:

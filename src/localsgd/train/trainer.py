@@ -216,7 +216,7 @@ class Trainer:
         """A re-launch of a finished run: one line, nothing rewritten."""
         if not self.info.is_main:
             return
-        key = "eval/bpb" if self.task.unit == "tokens" else "eval/acc"
+        key = self.task.headline
         value: Any = None
         try:
             value = json.loads((self.run_dir / "summary.json").read_text()).get(key)
