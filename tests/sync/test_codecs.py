@@ -16,7 +16,7 @@ from localsgd.sync.codecs.base import CODECS, Codec, keep_count
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.codecs.packing import pack_bits, unpack_bits
 
-METHODS = ["none", "bf16", "sign", "ef_sign", "topk", "randomk", "qsgd"]
+METHODS = ["none", "bf16", "sign", "ef_sign", "topk", "randomk", "qsgd", "chunk_topk", "quantize"]
 SIZES = [0, 1, 31, 32, 33, 1000, 4097]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from localsgd.registry import Facts, compose
 from localsgd.sync.parts import SECTION, SyncCommon
+from localsgd.sync.reducers.compressed import compression_warnings
 
 SyncConfig = compose("SyncConfig", SyncCommon, SECTION.selectors.values())
 """The ``sync`` section: the common keys of ``SyncCommon`` plus every registered part's."""
@@ -17,4 +18,5 @@ SyncConfig = compose("SyncConfig", SyncCommon, SECTION.selectors.values())
 
 def check_sync(cfg: Any, facts: Facts) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the ``sync`` section."""
-    return SECTION.check(cfg, facts)
+    problems, warnings = SECTION.check(cfg, facts)
+    return problems, warnings + compression_warnings(cfg.compression)

@@ -24,8 +24,7 @@ import torch.distributed as dist
 
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.codecs.base import Payload
-from localsgd.sync.codecs.feedback import ErrorFeedback
-from localsgd.sync.reducers.compressed import build_codec, exchange, split, uses_feedback
+from localsgd.sync.reducers.compressed import build_codec, build_feedback, exchange, split
 
 Unit = tuple[int, int, list[tuple[int, int]], list[Any]]
 """A piece of a bucket encoded in one call: (first element, numel, segments inside it,
@@ -43,7 +42,7 @@ class CompressedGrads:
 
     def __init__(self, keys: Any, meter: CommMeter, world_size: int) -> None:
         self.codec = build_codec(keys)
-        self.feedback = ErrorFeedback() if uses_feedback(keys) else None
+        self.feedback = build_feedback(keys)
         self.meter = meter
         self.world_size = world_size
         self.steps = 0

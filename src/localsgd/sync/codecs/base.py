@@ -53,8 +53,13 @@ class Codec:
 
     Subclasses set ``name`` (the ``sync.compression.method`` value) and register with
     ``@CODECS.register``. Every constructor takes the same keys, so the caller builds any
-    codec as ``CODECS.get(method)(ratio=..., levels=...)``; a codec ignores keys it does
-    not read.
+    codec as ``CODECS.get(method)(ratio=..., levels=..., chunk=...)``; a codec ignores keys
+    it does not read.
+
+    A codec whose payload starts with a tensor of values (``carries_values``: the kept
+    entries of a sparsifier, or every element) says where each value sits in the bucket
+    (``positions``); ``quantize.Quantized`` then wraps it to send those values in a few bits,
+    so any such codec composes with the quantizer without a class per pair.
     """
 
     name: ClassVar[str]
@@ -66,14 +71,20 @@ class Codec:
     """Whether each segment decodes as if it had been encoded on its own: deterministic
     work per element with statistics per segment (sign, bf16, none). Such a codec can take
     many tensors in one call and give each the same result, whichever tensors share it."""
+    carries_values: ClassVar[bool] = False
+    """Whether the payload is [values, *rest] with ``positions`` defined: a quantizer can
+    then stand in for the values tensor."""
 
-    def __init__(self, ratio: float = 1.0, levels: int = 8) -> None:
+    def __init__(self, ratio: float = 1.0, levels: int = 8, chunk: int = 4096) -> None:
         if not 0.0 < float(ratio) <= 1.0:
             raise ValueError(f"sync.compression.ratio: must be in (0, 1], got {ratio}")
         if isinstance(levels, bool) or int(levels) != levels or levels < 1:
             raise ValueError(f"sync.compression.levels: must be an integer >= 1, got {levels}")
+        if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
+            raise ValueError(f"sync.compression.chunk: must be an integer >= 1, got {chunk}")
         self.ratio = float(ratio)
         self.levels = int(levels)
+        self.chunk = int(chunk)
 
     def encode(self, x: torch.Tensor, segments: Segments,
                generator: torch.Generator | None = None) -> Payload:
@@ -89,6 +100,12 @@ class Codec:
                dtype: torch.dtype) -> torch.Tensor:
         """The dense flat tensor (``numel`` elements of ``dtype``) the payload stands for."""
         raise NotImplementedError
+
+    def positions(self, rest: list[torch.Tensor], numel: int,
+                  segments: Segments) -> torch.Tensor:
+        """For a codec that ``carries_values``: the int64 position in the bucket of each
+        value, from the payload's other tensors ``rest`` (what the receiver has)."""
+        raise NotImplementedError(f"{self.name} sends no values tensor to quantize")
 
     def payload_shapes(self, numel: int, segments: Segments,
                        dtype: torch.dtype = torch.float32) -> Shapes:

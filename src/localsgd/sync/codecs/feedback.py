@@ -1,9 +1,13 @@
 """Error feedback: what compression dropped is added to the next payload, not lost.
 
-Per key (a bucket index, a tensor name), the memory m follows m = d + m; send C(m);
-m -= C(m). So what was sent plus the new residual is exactly the input plus the old
-residual: over many syncs every part of every update is sent eventually, which makes biased
-codecs (sign, top-k) converge like the uncompressed method.
+Per key (a bucket index, a tensor name), the memory m follows m = d + beta m; send C(m);
+m -= decode(C(m)). So what was sent plus the new residual is exactly the input plus the
+decayed old residual: with beta = 1 (the default) every part of every update is sent
+eventually, which makes biased codecs (sign, top-k) converge like the uncompressed method.
+SparseLoCo's beta < 1 (``sync.compression.feedback_decay``, 0.95) forgets old debt
+geometrically, so the buffer acts as the outer momentum it replaces. What is subtracted is
+the decoded payload, so the memory also covers the error of a quantizer after the
+sparsifier.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ hold as a dict key)."""
 class ErrorFeedback:
     """The residual of each key on this rank, and the compression that updates it."""
 
-    def __init__(self) -> None:
+    def __init__(self, decay: float = 1.0) -> None:
+        if not 0.0 <= float(decay) <= 1.0:
+            raise ValueError(f"sync.compression.feedback_decay: must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        """beta: the old residual's weight in the next memory."""
         self.residuals: dict[Key, torch.Tensor] = {}
         """Key -> what was not sent yet. Replaced on each compress, never changed in place,
         so a ``state_dict`` taken earlier stays as it was."""
@@ -44,7 +52,7 @@ class ErrorFeedback:
                 raise ValueError(f"error feedback for {key!r}: the residual has shape "
                                  f"{tuple(residual.shape)}, the input {tuple(x.shape)} "
                                  "(the bucket layout changed; reset() first)")
-            memory = x + residual.to(device=x.device, dtype=x.dtype)
+            memory = x + self._decayed(residual.to(device=x.device, dtype=x.dtype))
         payload = codec.encode(memory, segments, generator)
         sent = codec.decode(payload, memory.numel(), segments, memory.dtype)
         self.residuals[key] = memory - sent
@@ -71,12 +79,16 @@ class ErrorFeedback:
                 if r.numel() != end - start:
                     raise ValueError(f"error feedback for {key!r}: the residual has "
                                      f"{r.numel()} elements, the segment {end - start}")
-                memory[start:end] += r.to(device=x.device, dtype=x.dtype)
+                memory[start:end] += self._decayed(r.to(device=x.device, dtype=x.dtype))
         payload = codec.encode(memory, segments)
         left = memory - codec.decode(payload, memory.numel(), segments, memory.dtype)
         for key, (start, end) in zip(keys, segments, strict=True):
             self.residuals[key] = left[start:end]
         return payload
+
+    def _decayed(self, residual: torch.Tensor) -> torch.Tensor:
+        # No multiply at beta = 1: plain error feedback stays bitwise what it was.
+        return residual if self.decay == 1.0 else residual * self.decay
 
     def reset(self) -> None:
         """Forget every residual (what was owed is dropped)."""

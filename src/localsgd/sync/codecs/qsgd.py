@@ -37,8 +37,8 @@ class QSGD(Codec):
     name = "qsgd"
     unbiased = True
 
-    def __init__(self, ratio: float = 1.0, levels: int = 8) -> None:
-        super().__init__(ratio, levels)
+    def __init__(self, ratio: float = 1.0, levels: int = 8, chunk: int = 4096) -> None:
+        super().__init__(ratio, levels, chunk)
         if self.levels > MAX_LEVELS:
             raise ValueError(f"sync.compression.levels: qsgd takes at most {MAX_LEVELS} "
                              f"bits, got {levels}")

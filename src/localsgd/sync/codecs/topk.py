@@ -36,6 +36,13 @@ def scatter(payload: Payload, numel: int, dtype: torch.dtype) -> torch.Tensor:
 class Sparse(Codec):
     """What top-k and random-k share: k = keep_count(ratio, n) values and int32 indices."""
 
+    carries_values = True
+
+    def positions(self, rest: list[torch.Tensor], numel: int,
+                  segments: Segments) -> torch.Tensor:
+        (indices,) = rest
+        return indices.to(torch.int64)
+
     def decode(self, payload: Payload, numel: int, segments: Segments,
                dtype: torch.dtype) -> torch.Tensor:
         return scatter(payload, numel, dtype)

@@ -42,8 +42,9 @@ from localsgd.config.domains import AT_LEAST_ONE, NON_NEGATIVE, Choice, Range, d
 from localsgd.registry import Facts, need
 from localsgd.sync.anchor import Anchor
 from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
-from localsgd.sync.codecs.base import CODECS, Payload
+from localsgd.sync.codecs.base import CODECS, MAX_NUMEL, Codec, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
+from localsgd.sync.codecs.quantize import MAX_BITS, Quantized
 from localsgd.sync.parts import REDUCERS
 from localsgd.sync.reducers.base import DELTA, Reducer
 
@@ -52,13 +53,24 @@ from localsgd.sync.reducers.base import DELTA, Reducer
 class CompressionKeys:
     method: str = domain(Choice(CODECS.names, key="sync.compression.method"), "none")
     """What travels at a sync (model deltas) and, in mini-batch steps on DDP, for gradients:
-    none | bf16 | sign | ef_sign | topk | randomk | qsgd."""
+    none | bf16 | sign | ef_sign | topk | randomk | chunk_topk | qsgd | quantize."""
     ratio: float = domain(Range(0, 1, lo_open=True), 0.01)
-    """Fraction of the elements top-k and random-k keep, in (0, 1]."""
+    """Fraction of the elements top-k and random-k keep (of each chunk for chunk_topk), in
+    (0, 1]."""
     levels: int = domain(AT_LEAST_ONE, 4)
     """QSGD: bits per magnitude; 2^levels - 1 quantization levels (>= 1)."""
+    chunk: int = domain(Range(1, MAX_NUMEL), 4096)
+    """chunk_topk: elements per chunk of each tensor; each chunk keeps its own top
+    ratio * chunk, and an index travels in ceil(log2 chunk) bits (12 for 4096)."""
+    bits: int = domain(Range(0, MAX_BITS), 0)
+    """Quantize the values a sparse method sends (topk, randomk, chunk_topk), or every
+    element with method=quantize, to this many bits (1..8) with a codebook of bin means per
+    tensor; 0 sends values at full precision."""
     error_feedback: bool = False
     """Keep what the codec dropped and add it to the next payload (ef_sign always does)."""
+    feedback_decay: float = domain(Range(0, 1), 1.0)
+    """beta in e <- beta e + delta before each payload (SparseLoCo: 0.95, standing in for
+    outer momentum); 1 is plain error feedback. Read only with error feedback."""
     exact_average: bool = False
     """Evaluate the exact fp32 average between syncs and end on it (one full-precision
     all-reduce each); false evaluates the last sync's model and ends with a compressed sync."""
@@ -75,12 +87,37 @@ class CompressedKeys:
     final model use the exact average either way."""
 
 
-def build_codec(keys: CompressionKeys) -> Any:
-    return CODECS.get(keys.method)(ratio=keys.ratio, levels=keys.levels)
+def build_codec(keys: CompressionKeys) -> Codec:
+    """The method's codec, its values quantized when ``bits`` asks (no class per pair)."""
+    codec = CODECS.get(keys.method)(ratio=keys.ratio, levels=keys.levels, chunk=keys.chunk)
+    return Quantized(codec, keys.bits) if keys.bits and codec.carries_values else codec
 
 
 def uses_feedback(keys: CompressionKeys) -> bool:
     return keys.error_feedback or bool(getattr(CODECS.get(keys.method), "error_feedback", False))
+
+
+def build_feedback(keys: CompressionKeys) -> ErrorFeedback | None:
+    return ErrorFeedback(keys.feedback_decay) if uses_feedback(keys) else None
+
+
+def compression_warnings(keys: CompressionKeys) -> list[str]:
+    """Keys set away from their defaults that the chosen method never reads."""
+    codec = CODECS.find(keys.method)
+    if codec is None or keys.method == "none":
+        return []
+    out = []
+    if keys.bits and not codec.carries_values:
+        out.append(f"sync.compression.bits: has no effect with sync.compression.method="
+                   f"{keys.method} and is ignored (only topk, randomk, chunk_topk and "
+                   "quantize send values to quantize)")
+    if keys.feedback_decay != 1.0 and not uses_feedback(keys):
+        out.append("sync.compression.feedback_decay: has no effect without error feedback "
+                   "and is ignored (set sync.compression.error_feedback=true)")
+    if keys.chunk != 4096 and keys.method != "chunk_topk":
+        out.append(f"sync.compression.chunk: has no effect with sync.compression.method="
+                   f"{keys.method} and is ignored (only chunk_topk reads it)")
+    return out
 
 
 def check_compression(keys: CompressionKeys) -> list[str]:
@@ -91,6 +128,9 @@ def check_compression(keys: CompressionKeys) -> list[str]:
     check(keys.method != "qsgd" or keys.levels <= 16,
           f"sync.compression.levels: qsgd packs 1 + levels bits per element, at most 17; "
           f"got levels={keys.levels}")
+    check(keys.method != "quantize" or keys.bits > 0,
+          "sync.compression.bits: method=quantize sends every element in sync.compression."
+          "bits bits; set it to 1..8")
     return p
 
 
@@ -142,7 +182,8 @@ class Compressed(Reducer):
         p = check_compression(keys)
         if keys.method == "none":
             p.append("sync.reducer: compressed needs sync.compression.method (sign, ef_sign, "
-                     "topk, randomk, qsgd or bf16); or use sync.reducer=auto")
+                     "topk, randomk, chunk_topk, qsgd, quantize or bf16); or use "
+                     "sync.reducer=auto")
         return p
 
     @classmethod
@@ -157,7 +198,7 @@ class Compressed(Reducer):
     def __init__(self, cfg: Any) -> None:
         self.keys = cfg.compression
         self.codec = build_codec(self.keys)
-        self.feedback = ErrorFeedback() if uses_feedback(self.keys) else None
+        self.feedback = build_feedback(self.keys)
         self.anchor: Anchor | None = None
         """The sync's anchor (bound by the controller): saved with this part's state."""
         self.sync_point_views = not self.keys.exact_average
