@@ -21,6 +21,10 @@ COMPRESSION = {
     "qsgd": ["sync.compression.method=qsgd", "sync.compression.levels=4"],
 }
 
+DILOCO_H8 = [*LOCAL, "sync.period=8", "optim.name=adamw", "optim.base_lr=0.001",
+             "optim.weight_decay=0.01", "optim.grad_clip=1.0", "sync.update=outer",
+             "sync.outer.scale_by_inner_lr=false"]
+
 PRESETS: dict[str, dict[str, list[str]]] = {
     # The paper's comparison.
     "paper": {"minibatch": MINIBATCH, "post_local": POST_LOCAL_H16},
@@ -50,6 +54,19 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "h1_ef_sign": [*LOCAL, "sync.period=1", *COMPRESSION["ef_sign"]],
         "powersgd_r1": ["entry=benchmarks/powersgd_entry.py", "--powersgd-rank=1"],
         "powersgd_r2": ["entry=benchmarks/powersgd_entry.py", "--powersgd-rank=2"],
+    },
+    # SparseLoCo against uncompressed DiLoCo on the same schedule: inner AdamW, local SGD
+    # with H=8 from the first step (39 syncs in the quickstart's 312 steps, so error feedback
+    # has syncs to act over), gradients clipped to norm 1 in both.
+    "sparseloco": {
+        "diloco": [*DILOCO_H8, "sync.outer.lr=0.7", "sync.outer.momentum=0.9",
+                   "sync.outer.nesterov=true"],
+        "sparseloco": [*DILOCO_H8, "sync.outer.lr=1.0", "sync.outer.momentum=0.0",
+                       "sync.outer.nesterov=false", "sync.average_buffers=false",
+                       "sync.compression.method=chunk_topk", "sync.compression.chunk=4096",
+                       "sync.compression.ratio=0.015625", "sync.compression.bits=2",
+                       "sync.compression.error_feedback=true",
+                       "sync.compression.feedback_decay=0.95"],
     },
     # Gossip on a ring against all-reduce averaging, local SGD from the first step; the
     # measured variant adds one exact all-reduce per sync to log the consensus distance.

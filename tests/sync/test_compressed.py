@@ -56,6 +56,14 @@ SCENARIOS = [
              resume_with=local("bf16")),
     Scenario("none_to_ef_sign", local("none"), steps=6, resume_at=4,
              resume_with=local("ef_sign")),
+    # SparseLoCo: chunked top-k, 2-bit values, decayed error feedback, outer SGD; resumed
+    # mid-period with its residuals owed.
+    Scenario("sparseloco", {"algorithm": "local", "period": 2, "update": "outer",
+                            "compression": CompressionKeys(
+                                method="chunk_topk", chunk=16, ratio=0.25, bits=2,
+                                error_feedback=True, feedback_decay=0.9),
+                            "outer": OuterOptimizerKeys(lr=1.0, momentum=0.0)},
+             steps=6, resume_at=3, finish=True),
 ]
 
 
@@ -189,6 +197,38 @@ def test_overlapped_ef_sign_resumes_bitwise_with_its_average_in_flight(
     # Bytes: two syncs of packed signs for the parameters, exact for the buffer, then the
     # run's final sync, compressed alike: no fp32 copy of the parameters travels.
     assert ranks[0]["ef_sign_overlap"].comm["comm/average/bytes"] == 3 * (3 * 4 + 3 * 4 + 3 * 8)
+
+
+def test_sparseloco_follows_the_rule_resumes_bitwise_and_sends_the_formula(
+        ranks: list[dict[str, Record]]) -> None:
+    from test_sparseloco import np_sent  # the numpy codec of the thread-tier replay
+
+    recs = [r["sparseloco"] for r in ranks]
+    anchor = _initial(recs)
+    residual = [np.zeros(66) for _ in recs]
+    for t in range(6):
+        before = np.stack([r.before[t].numpy() for r in recs])
+        after = np.stack([r.after[t].numpy() for r in recs])
+        if (t + 1) % 2:
+            np.testing.assert_array_equal(after, before)
+            continue
+        sent = []
+        for i in range(K):
+            residual[i] = 0.9 * residual[i] + anchor - before[i]
+            sent.append(np_sent(residual[i]))
+            residual[i] -= sent[-1]
+        anchor = anchor - np.mean(sent, axis=0)
+        for row in after:
+            np.testing.assert_allclose(row, anchor, rtol=1e-6, atol=1e-9)
+    for rec in recs:
+        assert all(np.array_equal(a.numpy(), b.numpy())
+                   for a, b in zip(rec.after[3:], rec.resumed_after, strict=True))
+    # Per sync: chunks of 16 of the tensors (40, 21, 5) keep 4+4+2, 4+2, 2 = 18 values:
+    # 3 codebooks of 4 float32, 18 2-bit codes in 2 words, 18 4-bit places in 3 words; the
+    # float64 buffer (3 values) travels exactly. 3 syncs (the last one a boundary, so the
+    # final model only averages the buffer exactly).
+    per_sync = 3 * 4 * 4 + 2 * 4 + 3 * 4 + 3 * 8
+    assert ranks[0]["sparseloco"].comm["comm/average/bytes"] == 3 * per_sync + 3 * 8
 
 
 def test_bytes_are_the_packed_payloads(ranks: list[dict[str, Record]]) -> None:
