@@ -21,10 +21,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from localsgd.sync.accounting import CommMeter
-from localsgd.sync.codecs.base import CODECS
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.grad_compression import CompressedGrads, hook
-from localsgd.sync.reducers.compressed import CompressionKeys
+from localsgd.sync.reducers.compressed import CompressionKeys, build_codec
 
 WORLD = 2
 STEPS = 4
@@ -131,13 +130,19 @@ def test_bytes_are_one_payload_per_bucket(run: tuple[str, list[dict]]) -> None:
             assert got == 2 * numel
 
 
-def test_one_payload_for_many_residuals_equals_one_each() -> None:
+@pytest.mark.parametrize(("keys", "decay"), [
+    ({"method": "ef_sign"}, 1.0),
+    ({"method": "chunk_topk", "chunk": 16, "ratio": 0.25, "bits": 2}, 0.9),
+    ({"method": "quantize", "bits": 3}, 0.5),
+])
+def test_one_payload_for_many_residuals_equals_one_each(keys: dict, decay: float) -> None:
     """compress_split over any grouping equals compressing each tensor on its own, so DDP's
     regrouping of buckets (after the first step, after a resume) changes nothing."""
-    codec = CODECS.get("ef_sign")()
+    codec = build_codec(CompressionKeys(**keys))
+    assert codec.segmentwise
     gen = torch.Generator().manual_seed(3)
     sizes = [37, 5, 64, 1]
-    split, alone = ErrorFeedback(), ErrorFeedback()
+    split, alone = ErrorFeedback(decay), ErrorFeedback(decay)
     groupings = [[[0, 1, 2, 3]], [[0], [1, 2], [3]], [[2, 3], [0, 1]]]
     for grouping in groupings:
         xs = [torch.randn(n, generator=gen) for n in sizes]
