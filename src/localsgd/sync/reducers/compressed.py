@@ -1,4 +1,5 @@
-"""Compressed model averaging: the paper's local (EF-)sign, top-k, random-k and QSGD variants.
+"""Compressed model averaging: the paper's local (EF-)sign, top-k, random-k and QSGD variants,
+and SparseLoCo's chunked top-k with quantized values under decayed error feedback.
 
 At a global sync every worker compresses its pseudo-gradient since the last consensus, d_i =
 anchor - theta_i, which the averager hands over (the sync's one anchor; per tensor; with
@@ -14,7 +15,8 @@ so the workers agree bit for bit after each sync, on a model that is not their e
 one). The reducer returns mean_i decode(payload_i), the compressed pseudo-gradient, so any
 update applies it: ``copy`` takes anchor - that, ``outer`` steps on it (DiLoCo with a
 compressed outer gradient). Only parameters are compressed: BatchNorm statistics and
-momentum (with ``sync.momentum=average``) travel exactly, through the mean. Intra-node
+momentum (with ``sync.momentum=average``) travel exactly, through the mean, or not at all
+between syncs with ``sync.average_buffers=false`` (the SparseLoCo recipe's choice). Intra-node
 averages of hierarchical SGD are exact means too (within a node uncompressed, across nodes
 compressed); the anchor is the last global consensus. Evaluation between syncs shows the
 anchor (the last sync's model) and a run that ends mid-period ends with one more compressed
