@@ -133,3 +133,28 @@ def test_statistics_kept_local_average_to_what_averaging_at_syncs_gives() -> Non
     assert not torch.equal(stats[0][0], stats[0][1]) and torch.equal(stats[1][0], stats[1][1])
     local = runs[0][0].meter.totals["average"].bytes
     assert runs[1][0].meter.totals["average"].bytes >= local + 2 * 4 * 1376
+
+
+def test_streaming_diloco_recipe_runs_its_fragments_in_four_bits() -> None:
+    """The streaming recipe's sync section (4 fragments, overlap 2, 4-bit values) on
+    ResNet-20: every fragment lands, and a sync sends the 4-bit codes, a 16-float codebook
+    per tensor (fragments hold whole tensors) and the exact statistics."""
+    recipe = load_config(REPO / "recipes/cifar10/resnet20_streaming_diloco.yaml")
+    assert (recipe.sync.fragments, recipe.sync.overlap_steps) == (4, 2)
+    cfg = dataclasses.replace(recipe.sync, topology="threads", reducer="threads_compressed",
+                              period=8)  # fragments every 2 steps, each landing 2 later
+    # Fragments start at steps 8, 10, 12 and 14 (bytes count at the start), land 2 later.
+    workers, _ = run_workers(cfg, steps=15, world=2, target=ResNetTarget)
+    target = ResNetTarget(0)
+    n, tensors = sum(p.numel() for p in target.params), len(target.params)
+    stats = sum(b.numel() for b in target.buffers if b.is_floating_point())
+    per_sync = workers[0].meter.totals["average"].bytes
+    codes = 4 * math.ceil(n * 4 / 32)
+    assert per_sync == codes + 4 * 16 * tensors + 4 * stats
+    assert per_sync * 7 <= 4 * (n + stats)
+    assert workers[0].meter.totals["average"].calls == 5  # 4 fragments, the statistics once
+    w = workers[0]
+    for t in (9, 11, 13):  # a fragment lands after steps 10, 12, 14: the model jumps
+        assert not torch.equal(w.after[t], w.before[t])
+    for t in (8, 10, 12):  # and between landings only local steps move it
+        assert torch.equal(w.after[t], w.before[t])
