@@ -81,7 +81,10 @@ def problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
             now = ", ".join(f"sync.{k}={name_of(cfg, k)}" for k in givers
                             if f"sync.{k}={name_of(cfg, k)}" != who)
             by = " or ".join(f"sync.{k}=" + "|".join(v) for k, v in givers.items())
+            offers = sorted({o for key, reg in selectors.items() for p in reg.parts()
+                             if (o := p.offers(need)) is not None})
             out.append(f"{who}{' with ' + now if now else ''}: {short} needs {need} "
                        f"({MEANING.get(need, need)}), which "
-                       f"{by + ' gives' if by else 'no registered part gives'}")
+                       f"{by + ' gives' if by else 'no registered part gives'}"
+                       f"{''.join(', or ' + o for o in offers)}")
     return out

@@ -26,6 +26,7 @@ from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
 from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
+from localsgd.sync.topologies.base import Topology
 from localsgd.sync.updates.base import Update
 
 
@@ -108,7 +109,7 @@ class SyncJob:
     def _measured(self) -> float | None:
         """The exact consensus distance, measured apart when the sync itself cannot give it
         (gossip) and the topology says one is due."""
-        if self.final or self.action != GLOBAL or not self.ctl.measure_now():
+        if self.final or not self.ctl.topology.mixes(self.action) or not self.ctl.measure_now():
             return None
         return self.ctl.exact.distance(self.target.sync_params(), *self.ctl.topology.everyone())
 
@@ -117,8 +118,8 @@ class SyncJob:
         measured = self._measured()
         # The last average of a run is exact whatever the topology or reducer (the saved
         # model is the consensus), and so are intra-node averages (compression is for the
-        # links between nodes).
-        exact = self.final or self.action != GLOBAL
+        # links between nodes) and the exact rounds of gossip (``sync.exact_every``).
+        exact = self.final or not self.ctl.topology.mixes(self.action)
         averager = self.ctl.exact if exact else self.ctl.averager
         group = self.ctl.topology.everyone() if self.final else self.ctl.topology.group(
             self.action)
@@ -131,12 +132,15 @@ class SyncJob:
             distance = averager.average(tensors, *group, params=params, update=self._update())
         if self.action == GLOBAL and self.ctl.anchor is not None:
             self.ctl.anchor.step = self.step  # the update moved it to this sync's result
+        if exact and self.action == GLOBAL:
+            self.ctl.agreed = self.step
         self._applied()
         return distance if measured is None else measured
 
     def _averager(self) -> Averager:
-        """Intra-node averages are exact (compression is for the links between nodes)."""
-        return self.ctl.averager if self.action == GLOBAL else self.ctl.exact
+        """Intra-node averages are exact (compression is for the links between nodes), as
+        are the exact rounds of gossip."""
+        return self.ctl.averager if self.ctl.topology.mixes(self.action) else self.ctl.exact
 
     def start(self, select: Collection[int] | None = None) -> InFlight:
         """Launch the average of the tensors with an index in ``select`` (default all)."""
@@ -175,7 +179,7 @@ class SyncController:
                   for kind, (key, reg) in PART_KINDS.items()}
         self.period_rule = chosen["period_rule"](cfg, lr_at)
         self.schedule = schedule.with_rule(self.period_rule)
-        self.topology = chosen["topology"](cfg, info, schedule.scopes)
+        self.topology: Topology = chosen["topology"](cfg, info, schedule.scopes)
         self.reducer: Reducer = chosen["reducer"](cfg)
         self.update: Update = chosen["update"](cfg)
         self.anchor: Anchor | None = None
@@ -193,6 +197,8 @@ class SyncController:
             self.exact = Averager(meter, self.averager.bucketer, mean)
         self.finished = False
         """Whether ``finish`` has taken the final average (everyone then agrees)."""
+        self.agreed = -1
+        """The step after which a blocking exact sync of a gossip topology last landed."""
         self.measured_syncs = 0
         """Global syncs started by a reducer that is not exact (gossip): every
         ``sync.consensus_every``-th one measures the true consensus distance."""
@@ -251,9 +257,10 @@ class SyncController:
             return True
         if self.resumed is not None and self.resumed[0] == self.step:
             return self.resumed[1]
-        if getattr(self.topology, "gossip", False):
-            # Gossip brings workers closer but never together.
-            return self.step == 0 or self.schedule.phase(self.step - 1) == MINIBATCH
+        if self.topology.gossip:
+            # Gossip brings workers closer but never together; only its exact rounds do.
+            return (self.step == 0 or self.schedule.phase(self.step - 1) == MINIBATCH
+                    or self.agreed == self.step)
         return self.runner.in_consensus(self.schedule, self.step)
 
     def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
@@ -272,6 +279,7 @@ class SyncController:
         self._record(self.runner.poll(self.step, self._jobs(target)), target)
         action = self.schedule.action_after(self.step)
         if action is not None and self.info.world_size > 1:
+            action = self.topology.round(action)
             for o in self.observers:
                 o.before_sync(self.step, action, target)
             self._record(self.runner.submit(self.step, action, SyncJob(self, target, action)),
