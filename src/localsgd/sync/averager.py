@@ -198,8 +198,8 @@ class Averager:
                 flight.deltas.append(is_delta)
                 offset = 0
                 for chunk in buf.split(self.bucketer.capacity(dtype)):
-                    slices = (chunk_slices(members, flight.sizes, offset, chunk, snap)
-                              if is_delta else None)
+                    # Reducers with state per tensor slice key it as the blocking path does.
+                    slices = chunk_slices(members, flight.sizes, offset, chunk, snap)
                     offset += chunk.numel()
                     self.meter.record(flight.kind, reducer.payload_bytes(chunk, group, slices))
                     flight.works.append((reducer.start(chunk, group, slices), chunk, reducer))

@@ -359,9 +359,13 @@ class SyncController:
     def state_dict(self) -> dict[str, Any]:
         # Pending events belong to the epoch in progress; a mid-epoch resume must log them.
         # ``recipe`` and ``consensus`` let a resume with other parts check that they fit.
+        # The runner first: it waits for what is in flight, and finishing a collective may
+        # move a reducer's state (CHOCO's sums of the neighbours' public copies).
+        runner = self.runner.state_dict()
         return {"step": self.step, "measured_syncs": self.measured_syncs,
                 "events": [[e.step, e.action, e.distance] for e in self.events],
-                "parts": {kind: part.state_dict() for kind, part in self.parts.items()},
+                "parts": {kind: runner if kind == "runner" else part.state_dict()
+                          for kind, part in self.parts.items()},
                 "recipe": record(self.cfg), "consensus": self.in_consensus()}
 
     def _check_resume(self, state: dict[str, Any], step: int, consensus: bool,
