@@ -141,3 +141,11 @@ def test_the_rule_refuses_exactly_the_documented_combinations() -> None:
                   or (graph and schedule in ("minibatch", "hierarchical"))
                   or (update == "outer" and schedule == "minibatch"))
         assert (cell in refused) == expect, cell
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_averaged_adamw_moments_combine_with_every_runner(runner: str) -> None:
+    # Blocking replaces the moments by their average; overlapped lands them as the
+    # correction scaled by beta^tau, replayed in tests/sync/test_adamw_overlap.py.
+    load_config(None, ["optim.name=adamw", "sync.momentum=average",
+                       *overrides("local", "complete", "mean", "copy", runner)])

@@ -254,6 +254,9 @@ class FakeTarget:
     def momentum_buffers(self) -> list[torch.Tensor]:
         return self.momentum
 
+    def momentum_decays(self) -> list[float | None]:
+        return [None] * len(self.momentum)  # heavy-ball sums, as SGD's
+
     def after_params_changed(self) -> None:
         self.refreshed += 1
 

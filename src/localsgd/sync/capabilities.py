@@ -48,13 +48,9 @@ MEANING = {
 
 def common_needs(cfg: Any, facts: Facts) -> set[str]:
     """Needs of the common ``sync`` keys (those no part owns)."""
-    needs = set()
-    if str(getattr(cfg.momentum, "value", cfg.momentum)) == "average" and (
-            facts.optimizer == "adamw"):
-        # A correction (average - snapshot) added to AdamW's second moment can push it
-        # below zero; a replacement cannot.
-        needs.add(REPLACES_STATE)
-    return needs
+    # None today: AdamW's averaged moments land overlapped as a correction scaled by
+    # beta^tau (SyncJob._decays), which keeps a second moment positive.
+    return set()
 
 
 def problems(cfg: Any, facts: Facts, chosen: dict[str, Any],

@@ -45,6 +45,11 @@ class SyncTarget(Protocol):
         """Optimizer momentum tensors."""
         ...
 
+    def momentum_decays(self) -> list[float | None]:
+        """Per momentum tensor: the factor one optimizer step scales it by when it is an
+        exponential moving average (Adam's beta1, beta2), else None (SGD's momentum)."""
+        ...
+
     def after_params_changed(self) -> None:
         """Called after params were overwritten (engines with low-precision copies refresh)."""
         ...
@@ -150,11 +155,24 @@ class SyncJob:
                                         select=select, params=params,
                                         rest=self.ctl.exact.reducer)
         flight.measured = measured
+        flight.launched = self.step
         return flight
+
+    def _decays(self, flight: InFlight, first: int) -> dict[int, float]:
+        """Averaged moments that are moving averages (AdamW's) take the correction scaled by
+        beta^tau, tau the optimizer steps since the snapshot: exactly what replacing them by
+        the average at the snapshot and taking those steps would give, and never a negative
+        second moment (the unscaled correction could give one)."""
+        if self.ctl.cfg.momentum != MomentumPolicy.average or flight.launched < 0:
+            return {}
+        tau = self.step - flight.launched
+        return {first + i: beta ** tau
+                for i, beta in enumerate(self.target.momentum_decays()) if beta is not None}
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
-        distance = self._averager().apply(flight, tensors, params, self._update(), buffers)
+        distance = self._averager().apply(flight, tensors, params, self._update(), buffers,
+                                          self._decays(flight, buffers.stop))
         if self.action == GLOBAL and self.ctl.anchor is not None:
             self.ctl.anchor.step = self.step
         self._applied()
