@@ -21,11 +21,12 @@ later, so error feedback is never stacked on top (``ef_sign`` and
 What travels is every synced tensor (parameters, BatchNorm statistics with
 ``sync.average_buffers``, momentum with ``sync.momentum=average``): one payload per bucket
 to each neighbour (non-blocking sends, counted as ``comm/gossip``: degree x the payload).
-State, per tensor slice, on its device: x_hat and s, two copies of what travels, counted in
-``sync/extra_bytes``; plus the count of syncs, which seeds random codecs. Both are in the
-checkpoint; a resume with another bucket layout, graph or set of synced tensors is refused
-while copies exist, and a world-size change starts the copies afresh at 0 from the
-averaged model. Evaluation and the final model take the exact average, as for gossip.
+State, per tensor slice, on its device (in host memory with ``sync.state_device=cpu``):
+x_hat and s, two copies of what travels, counted in ``sync/extra_bytes``; plus the count of
+syncs, which seeds random codecs. Both are in the checkpoint; a resume with another bucket
+layout, graph or set of synced tensors is refused while copies exist, and a world-size
+change starts the copies afresh at 0 from the averaged model. Evaluation and the final model
+take the exact average, as for gossip.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import torch
 
 from localsgd.config.domains import Range, domain
 from localsgd.registry import Facts
+from localsgd.sync.anchor import on_host
 from localsgd.sync.capabilities import MODEL_AVERAGES, NEIGHBOURS
-from localsgd.sync.parts import REDUCERS
+from localsgd.sync.parts import REDUCERS, StateDevice
 from localsgd.sync.reducers.base import Reducer
 from localsgd.sync.reducers.compressed import (
     CompressionKeys,
@@ -104,6 +106,7 @@ class Choco(Reducer):
         """Slice key -> (x_hat, s), flat."""
         self.syncs = 0
         """Buckets sent so far: random codecs draw from it."""
+        self.on_cpu = StateDevice(cfg.state_device) == StateDevice.cpu
 
     def kind(self, requested: str) -> str:
         return "gossip" if requested == "average" else requested
@@ -122,13 +125,17 @@ class Choco(Reducer):
                            for s, d in shapes)
 
     def _copy(self, key: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x_hat, s) of ``key``, where they live (host memory with
+        ``sync.state_device=cpu``, else the slice's device)."""
         if key not in self.copies:
-            self.copies[key] = (torch.zeros_like(like), torch.zeros_like(like))
+            zeros = torch.zeros_like(like)
+            self.copies[key] = ((on_host(zeros), on_host(zeros)) if self.on_cpu
+                                else (zeros, zeros.clone()))
         hat, mix = self.copies[key]
-        if hat.shape != like.shape or hat.device != like.device:
-            if hat.numel() != like.numel():
-                raise RuntimeError(f"sync.reducer=choco: the public copy {key} has "
-                                   f"{hat.numel()} elements, the slice {like.numel()}")
+        if hat.numel() != like.numel():
+            raise RuntimeError(f"sync.reducer=choco: the public copy {key} has "
+                               f"{hat.numel()} elements, the slice {like.numel()}")
+        if not self.on_cpu and hat.device != like.device:  # restored on another device
             hat, mix = hat.to(like.device), mix.to(like.device)
             self.copies[key] = (hat, mix)
         return hat, mix
@@ -142,7 +149,7 @@ class Choco(Reducer):
         keys = [f"{s.index}@{s.start}" for s in slices]
         diff = flat.clone()
         for key, (a, b) in zip(keys, segments, strict=True):
-            diff[a:b] -= self._copy(key, flat[a:b])[0]
+            diff[a:b] -= self._copy(key, flat[a:b])[0].to(flat.device)
         gen = torch.Generator(device=flat.device).manual_seed(
             self.syncs * 1_000_003 + hood.rank * 1009)
         self.syncs += 1
@@ -152,8 +159,9 @@ class Choco(Reducer):
         exchange = hood.exchange(wire)
         for key, (a, b) in zip(keys, segments, strict=True):
             hat, mix = self.copies[key]
-            hat.add_(sent[a:b])
-            mix.add_(sent[a:b], alpha=hood.self_weight)
+            mine = sent[a:b].to(hat.device)
+            hat.add_(mine)
+            mix.add_(mine, alpha=hood.self_weight)
         return Pending(exchange, keys, segments)
 
     def finish(self, work: Pending, flat: torch.Tensor, size: int) -> torch.Tensor:
@@ -166,8 +174,8 @@ class Choco(Reducer):
         for key, (a, b) in zip(work.keys, work.segments, strict=True):
             hat, mix = self.copies[key]
             for weight, theirs in zip(hood.weights, decoded, strict=True):
-                mix.add_(theirs[a:b], alpha=weight)
-            out[a:b].add_(mix - hat, alpha=self.gamma)
+                mix.add_(theirs[a:b].to(mix.device), alpha=weight)
+            out[a:b].add_((mix - hat).to(out.device), alpha=self.gamma)
         return out
 
     def held_bytes(self) -> int:
@@ -180,8 +188,8 @@ class Choco(Reducer):
                 "syncs": self.syncs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.copies = {k: (h.clone(), m.clone())
-                       for k, (h, m) in state.get("copies", {}).items()}
+        place = on_host if self.on_cpu else torch.clone
+        self.copies = {k: (place(h), place(m)) for k, (h, m) in state.get("copies", {}).items()}
         self.syncs = int(state.get("syncs", 0))
 
     def resume_problem(self, state: dict[str, Any], check: Any) -> str | None:
