@@ -22,6 +22,8 @@ import torch
 from helpers import assert_refused
 from threads import Worker, run_workers, scaled_sign
 
+from localsgd.config import ConfigError
+from localsgd.recipe import load_config
 from localsgd.sync.config import SyncConfig
 from localsgd.sync.reducers.choco import ChocoOptions
 from localsgd.sync.reducers.compressed import CompressionKeys
@@ -178,3 +180,26 @@ def test_overlapped_choco_lands_the_consensus_step_as_a_correction(k: int) -> No
 def test_bad_choco_settings_are_one_line_each(overrides: list[str], text: str) -> None:
     assert_refused(["sync.algorithm=local", "sync.topology=ring", "sync.reducer=choco",
                     *overrides], text)
+
+
+def test_a_resume_with_another_bucket_layout_is_refused_while_copies_exist() -> None:
+    saved: dict[int, tuple[dict, list[torch.Tensor]]] = {}
+
+    def checkpoint(w: Worker, t: int) -> None:
+        if t == 2:
+            saved[w.rank] = (w.controller.state_dict(), [x.clone() for x in w.target.tensors()])
+
+    run_workers(choco("sign", 0.5), steps=3, world=4, local_world=1, between=checkpoint)
+    with pytest.raises(ConfigError) as err:
+        run_workers(choco("sign", 0.5, bucket_mb=61 * 8 / 2**20), steps=6, world=4,
+                    local_world=1, resume=saved)
+    [line] = err.value.problems
+    assert line.startswith("sync.bucket_mb: the checkpoint was written with 25.0, the recipe "
+                           "says 0.000465"), line
+    assert "its public copies are kept per tensor slice" in line
+
+
+def test_choco_keys_without_the_choco_reducer_warn() -> None:
+    with pytest.warns(UserWarning, match="sync.choco: has no effect with sync.reducer=gossip"):
+        load_config(None, ["sync.algorithm=local", "sync.topology=ring",
+                           "sync.choco.gamma=0.5"])

@@ -200,3 +200,9 @@ def test_the_capability_rule_accepts_outer_over_gossip_with_exact_rounds() -> No
     assert line.endswith(", or sync.exact_every > 0 (exact rounds of gossip)"), line
     assert_refused(["sync.algorithm=local", "sync.topology=ring", "sync.exact_every=-1"],
                    "sync.exact_every: must be >= 0")
+
+
+def test_exact_rounds_on_the_complete_topology_warn() -> None:
+    with pytest.warns(UserWarning, match="sync.exact_every: has no effect with "
+                                         "sync.topology=complete"):
+        load_config(None, ["sync.algorithm=local", "sync.exact_every=2"])
