@@ -77,5 +77,11 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "ring_h1": [*LOCAL, "sync.period=1", "sync.topology=ring"],
         "ring_h4_measured": [*LOCAL, "sync.period=4", "sync.topology=ring",
                              "sync.consensus_every=1"],
+        # CHOCO-SGD: scaled signs of the difference to the public copies, gamma 0.5.
+        "choco_sign_h1": [*LOCAL, "sync.period=1", "sync.topology=ring", "sync.reducer=choco",
+                          "sync.compression.method=sign", "sync.choco.gamma=0.5"],
+        # SlowMo over gossip: a gossip step after every step, an exact outer step every 4.
+        "slowmo_ring_h1": [*LOCAL, "sync.period=1", "sync.topology=ring", "sync.exact_every=4",
+                           "sync.update=outer", "sync.outer.momentum=0.5"],
     },
 }

@@ -80,6 +80,12 @@ class Part:
         """Capabilities this part needs some other chosen part to give."""
         return frozenset()
 
+    @classmethod
+    def offers(cls, need: str) -> str | None:
+        """How this part would give ``need`` with another value of its own keys (a phrase
+        for the refusal, e.g. ``sync.exact_every > 0``), or None."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

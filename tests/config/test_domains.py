@@ -41,6 +41,8 @@ ENABLE: dict[tuple[str, str], list[str]] = {
     ("sync.topology", "torus"): ["sync.algorithm=local", "sync.topology=torus"],
     ("sync.topology", "expander"): ["sync.algorithm=local", "sync.topology=expander"],
     ("sync.reducer", "compressed"): ["sync.algorithm=local", "sync.compression.method=sign"],
+    ("sync.reducer", "choco"): ["sync.algorithm=local", "sync.topology=ring",
+                                "sync.reducer=choco"],
     ("sync.update", "outer"): ["sync.algorithm=local", "sync.update=outer"],
     ("sync.runner", "overlapped"): ["sync.algorithm=local", "sync.period=4",
                                     "sync.overlap_steps=1"],

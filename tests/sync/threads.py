@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from localsgd.launch.env import DistInfo
-from localsgd.registry import Facts, Part
+from localsgd.registry import Facts
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.controller import SyncController, SyncObserver
@@ -29,6 +29,7 @@ from localsgd.sync.parts import REDUCERS, TOPOLOGIES
 from localsgd.sync.reducers.compressed import Compressed
 from localsgd.sync.reducers.mean import Mean
 from localsgd.sync.schedules.base import NODE
+from localsgd.sync.topologies.base import Topology
 from localsgd.sync.topologies.expander import Expander
 from localsgd.sync.topologies.gossip import Neighbourhood
 from localsgd.sync.topologies.ring import Ring
@@ -111,7 +112,7 @@ _world: World | None = None
 
 
 @TOPOLOGIES.register
-class Threads(Part):
+class Threads(Topology):
     name = "threads"
     mean_reducer = "threads"
     """Parts that form no exact average (compressed) take the exact one through this."""
@@ -252,6 +253,9 @@ class FakeTarget:
 
     def momentum_buffers(self) -> list[torch.Tensor]:
         return self.momentum
+
+    def momentum_decays(self) -> list[float | None]:
+        return [None] * len(self.momentum)  # heavy-ball sums, as SGD's
 
     def after_params_changed(self) -> None:
         self.refreshed += 1

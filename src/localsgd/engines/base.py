@@ -33,6 +33,8 @@ class Engine(Protocol):
 
     def momentum_buffers(self) -> list[torch.Tensor]: ...
 
+    def momentum_decays(self) -> list[float | None]: ...
+
     def after_params_changed(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -64,6 +66,21 @@ def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             out += [state[k] for k in MOMENT_KEYS if k in state]
+    return out
+
+
+def momentum_decays(optimizer: torch.optim.Optimizer) -> list[float | None]:
+    """For each tensor of ``momentum_tensors``: the factor one optimizer step scales it by
+    when it is an exponential moving average (Adam's beta1 for ``exp_avg``, beta2 for
+    ``exp_avg_sq``), None for SGD's momentum buffer."""
+    out: list[float | None] = []
+    for group in optimizer.param_groups:
+        betas = group.get("betas", (None, None))
+        decay = {"momentum_buffer": None, "exp_avg": betas[0], "exp_avg_sq": betas[1]}
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            out += [None if decay[k] is None else float(decay[k]) for k in MOMENT_KEYS
+                    if k in state]
     return out
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd.engines.base import EnginePart, momentum_tensors
+from localsgd.engines.base import EnginePart, momentum_decays, momentum_tensors
 from localsgd.engines.precision import Autocast
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.sync.accounting import CommMeter
@@ -180,6 +180,9 @@ class DDPEngine(EnginePart):
 
     def momentum_buffers(self) -> list[torch.Tensor]:
         return momentum_tensors(self.optimizer)
+
+    def momentum_decays(self) -> list[float | None]:
+        return momentum_decays(self.optimizer)
 
     def after_params_changed(self) -> None:
         pass

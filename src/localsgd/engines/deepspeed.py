@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from localsgd.config.errors import ConfigError
-from localsgd.engines.base import EnginePart, momentum_tensors
+from localsgd.engines.base import EnginePart, momentum_decays, momentum_tensors
 from localsgd.engines.deepspeed_config import (
     KEY,
     DeepSpeedKeys,
@@ -328,6 +328,9 @@ class DeepSpeedEngine(EnginePart):
 
     def momentum_buffers(self) -> list[torch.Tensor]:
         return momentum_tensors(self.optimizer)
+
+    def momentum_decays(self) -> list[float | None]:
+        return momentum_decays(self.optimizer)
 
     def after_params_changed(self) -> None:
         with torch.no_grad():

@@ -57,6 +57,8 @@ class InFlight:
     deltas: list[bool] = field(default_factory=list)
     """For each snapshot: whether its buffer carries Delta = anchor - snapshot (a reducer
     that carries pseudo-gradients) rather than the snapshot itself."""
+    launched: int = -1
+    """Steps completed when it was started (the snapshot's step)."""
 
     @property
     def nbytes(self) -> int:
@@ -66,7 +68,8 @@ class InFlight:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "size": self.size, "sizes": self.sizes,
                 "snapshots": self.snapshots, "reduced": self.reduced,
-                "members": self.members, "measured": self.measured, "deltas": self.deltas}
+                "members": self.members, "measured": self.measured, "deltas": self.deltas,
+                "launched": self.launched}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> InFlight:
@@ -74,7 +77,8 @@ class InFlight:
                    list(state["snapshots"]), list(state["reduced"]),
                    [list(m) for m in state["members"]], done=True,
                    measured=state.get("measured"),
-                   deltas=list(state.get("deltas", [False] * len(state["members"]))))
+                   deltas=list(state.get("deltas", [False] * len(state["members"]))),
+                   launched=int(state.get("launched", -1)))
 
 
 class Averager:
@@ -198,8 +202,8 @@ class Averager:
                 flight.deltas.append(is_delta)
                 offset = 0
                 for chunk in buf.split(self.bucketer.capacity(dtype)):
-                    slices = (chunk_slices(members, flight.sizes, offset, chunk, snap)
-                              if is_delta else None)
+                    # Reducers with state per tensor slice key it as the blocking path does.
+                    slices = chunk_slices(members, flight.sizes, offset, chunk, snap)
                     offset += chunk.numel()
                     self.meter.record(flight.kind, reducer.payload_bytes(chunk, group, slices))
                     flight.works.append((reducer.start(chunk, group, slices), chunk, reducer))
@@ -221,11 +225,14 @@ class Averager:
 
 
     def apply(self, flight: InFlight, tensors: list[torch.Tensor], params: int = 0,
-               update: Any = None, averaged: range = range(0)) -> float:
+               update: Any = None, averaged: range = range(0),
+               decays: dict[int, float] | None = None) -> float:
         """Complete ``flight`` and add its effect to ``tensors`` (the ones given to ``start``);
         returns the consensus distance of the snapshot. Tensors with an index in
         ``averaged`` (BatchNorm statistics) take the snapshots' average instead of a
-        correction, which could push a running variance below zero."""
+        correction, which could push a running variance below zero; those in ``decays``
+        (moving averages) take the correction scaled by their factor."""
+        decays = decays or {}
         if [t.numel() for t in tensors] != flight.sizes:
             raise ValueError("tensors do not match the ones the sync was started with")
         self.complete(flight)
@@ -257,6 +264,8 @@ class Averager:
                     live.add_(synced.sub_(local))
                 elif i in averaged:
                     live.copy_(mean)
+                elif i in decays:
+                    live.add_(mean - local, alpha=decays[i])
                 else:
                     live.add_(mean - local)
                 pos += n

@@ -48,13 +48,9 @@ MEANING = {
 
 def common_needs(cfg: Any, facts: Facts) -> set[str]:
     """Needs of the common ``sync`` keys (those no part owns)."""
-    needs = set()
-    if str(getattr(cfg.momentum, "value", cfg.momentum)) == "average" and (
-            facts.optimizer == "adamw"):
-        # A correction (average - snapshot) added to AdamW's second moment can push it
-        # below zero; a replacement cannot.
-        needs.add(REPLACES_STATE)
-    return needs
+    # None today: AdamW's averaged moments land overlapped as a correction scaled by
+    # beta^tau (SyncJob._decays), which keeps a second moment positive.
+    return set()
 
 
 def problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
@@ -81,7 +77,10 @@ def problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
             now = ", ".join(f"sync.{k}={name_of(cfg, k)}" for k in givers
                             if f"sync.{k}={name_of(cfg, k)}" != who)
             by = " or ".join(f"sync.{k}=" + "|".join(v) for k, v in givers.items())
+            offers = sorted({o for key, reg in selectors.items() for p in reg.parts()
+                             if (o := p.offers(need)) is not None})
             out.append(f"{who}{' with ' + now if now else ''}: {short} needs {need} "
                        f"({MEANING.get(need, need)}), which "
-                       f"{by + ' gives' if by else 'no registered part gives'}")
+                       f"{by + ' gives' if by else 'no registered part gives'}"
+                       f"{''.join(', or ' + o for o in offers)}")
     return out

@@ -22,10 +22,11 @@ from localsgd.sync.accounting import CommMeter
 from localsgd.sync.anchor import Anchor
 from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.buckets import Bucketer, flat_view
-from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
+from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy, StateDevice
 from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
+from localsgd.sync.topologies.base import Topology
 from localsgd.sync.updates.base import Update
 
 
@@ -42,6 +43,11 @@ class SyncTarget(Protocol):
 
     def momentum_buffers(self) -> list[torch.Tensor]:
         """Optimizer momentum tensors."""
+        ...
+
+    def momentum_decays(self) -> list[float | None]:
+        """Per momentum tensor: the factor one optimizer step scales it by when it is an
+        exponential moving average (Adam's beta1, beta2), else None (SGD's momentum)."""
         ...
 
     def after_params_changed(self) -> None:
@@ -108,7 +114,7 @@ class SyncJob:
     def _measured(self) -> float | None:
         """The exact consensus distance, measured apart when the sync itself cannot give it
         (gossip) and the topology says one is due."""
-        if self.final or self.action != GLOBAL or not self.ctl.measure_now():
+        if self.final or not self.ctl.topology.mixes(self.action) or not self.ctl.measure_now():
             return None
         return self.ctl.exact.distance(self.target.sync_params(), *self.ctl.topology.everyone())
 
@@ -117,8 +123,8 @@ class SyncJob:
         measured = self._measured()
         # The last average of a run is exact whatever the topology or reducer (the saved
         # model is the consensus), and so are intra-node averages (compression is for the
-        # links between nodes).
-        exact = self.final or self.action != GLOBAL
+        # links between nodes) and the exact rounds of gossip (``sync.exact_every``).
+        exact = self.final or not self.ctl.topology.mixes(self.action)
         averager = self.ctl.exact if exact else self.ctl.averager
         group = self.ctl.topology.everyone() if self.final else self.ctl.topology.group(
             self.action)
@@ -131,12 +137,15 @@ class SyncJob:
             distance = averager.average(tensors, *group, params=params, update=self._update())
         if self.action == GLOBAL and self.ctl.anchor is not None:
             self.ctl.anchor.step = self.step  # the update moved it to this sync's result
+        if exact and self.action == GLOBAL:
+            self.ctl.agreed = self.step
         self._applied()
         return distance if measured is None else measured
 
     def _averager(self) -> Averager:
-        """Intra-node averages are exact (compression is for the links between nodes)."""
-        return self.ctl.averager if self.action == GLOBAL else self.ctl.exact
+        """Intra-node averages are exact (compression is for the links between nodes), as
+        are the exact rounds of gossip."""
+        return self.ctl.averager if self.ctl.topology.mixes(self.action) else self.ctl.exact
 
     def start(self, select: Collection[int] | None = None) -> InFlight:
         """Launch the average of the tensors with an index in ``select`` (default all)."""
@@ -146,11 +155,24 @@ class SyncJob:
                                         select=select, params=params,
                                         rest=self.ctl.exact.reducer)
         flight.measured = measured
+        flight.launched = self.step
         return flight
+
+    def _decays(self, flight: InFlight, first: int) -> dict[int, float]:
+        """Averaged moments that are moving averages (AdamW's) take the correction scaled by
+        beta^tau, tau the optimizer steps since the snapshot: exactly what replacing them by
+        the average at the snapshot and taking those steps would give, and never a negative
+        second moment (the unscaled correction could give one)."""
+        if self.ctl.cfg.momentum != MomentumPolicy.average or flight.launched < 0:
+            return {}
+        tau = self.step - flight.launched
+        return {first + i: beta ** tau
+                for i, beta in enumerate(self.target.momentum_decays()) if beta is not None}
 
     def apply(self, flight: InFlight) -> float:
         tensors, params, buffers = self.tensors()
-        distance = self._averager().apply(flight, tensors, params, self._update(), buffers)
+        distance = self._averager().apply(flight, tensors, params, self._update(), buffers,
+                                          self._decays(flight, buffers.stop))
         if self.action == GLOBAL and self.ctl.anchor is not None:
             self.ctl.anchor.step = self.step
         self._applied()
@@ -175,13 +197,14 @@ class SyncController:
                   for kind, (key, reg) in PART_KINDS.items()}
         self.period_rule = chosen["period_rule"](cfg, lr_at)
         self.schedule = schedule.with_rule(self.period_rule)
-        self.topology = chosen["topology"](cfg, info, schedule.scopes)
+        self.topology: Topology = chosen["topology"](cfg, info, schedule.scopes)
         self.reducer: Reducer = chosen["reducer"](cfg)
         self.update: Update = chosen["update"](cfg)
         self.anchor: Anchor | None = None
         """The model of the last global sync, kept only when a chosen part uses it."""
         if self.reducer.uses_anchor or self.update.uses_anchor:
-            self.anchor = Anchor(self.update.anchor_on_cpu)
+            self.anchor = Anchor(self.update.anchor_on_cpu
+                                 or StateDevice(cfg.state_device) == StateDevice.cpu)
             self.reducer.bind(self.anchor)
             self.update.bind(self.anchor)
         self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer, self.anchor)
@@ -193,6 +216,8 @@ class SyncController:
             self.exact = Averager(meter, self.averager.bucketer, mean)
         self.finished = False
         """Whether ``finish`` has taken the final average (everyone then agrees)."""
+        self.agreed = -1
+        """The step after which a blocking exact sync of a gossip topology last landed."""
         self.measured_syncs = 0
         """Global syncs started by a reducer that is not exact (gossip): every
         ``sync.consensus_every``-th one measures the true consensus distance."""
@@ -251,9 +276,10 @@ class SyncController:
             return True
         if self.resumed is not None and self.resumed[0] == self.step:
             return self.resumed[1]
-        if getattr(self.topology, "gossip", False):
-            # Gossip brings workers closer but never together.
-            return self.step == 0 or self.schedule.phase(self.step - 1) == MINIBATCH
+        if self.topology.gossip:
+            # Gossip brings workers closer but never together; only its exact rounds do.
+            return (self.step == 0 or self.schedule.phase(self.step - 1) == MINIBATCH
+                    or self.agreed == self.step)
         return self.runner.in_consensus(self.schedule, self.step)
 
     def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
@@ -272,6 +298,7 @@ class SyncController:
         self._record(self.runner.poll(self.step, self._jobs(target)), target)
         action = self.schedule.action_after(self.step)
         if action is not None and self.info.world_size > 1:
+            action = self.topology.round(action)
             for o in self.observers:
                 o.before_sync(self.step, action, target)
             self._record(self.runner.submit(self.step, action, SyncJob(self, target, action)),
@@ -351,9 +378,13 @@ class SyncController:
     def state_dict(self) -> dict[str, Any]:
         # Pending events belong to the epoch in progress; a mid-epoch resume must log them.
         # ``recipe`` and ``consensus`` let a resume with other parts check that they fit.
+        # The runner first: it waits for what is in flight, and finishing a collective may
+        # move a reducer's state (CHOCO's sums of the neighbours' public copies).
+        runner = self.runner.state_dict()
         return {"step": self.step, "measured_syncs": self.measured_syncs,
                 "events": [[e.step, e.action, e.distance] for e in self.events],
-                "parts": {kind: part.state_dict() for kind, part in self.parts.items()},
+                "parts": {kind: runner if kind == "runner" else part.state_dict()
+                          for kind, part in self.parts.items()},
                 "recipe": record(self.cfg), "consensus": self.in_consensus()}
 
     def _check_resume(self, state: dict[str, Any], step: int, consensus: bool,

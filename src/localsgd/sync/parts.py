@@ -29,6 +29,11 @@ class EvalModel(str, Enum):
     local = "local"
 
 
+class StateDevice(str, Enum):
+    model = "model"
+    cpu = "cpu"
+
+
 SCHEDULES: Registry[type] = Registry("sync.algorithm", "localsgd.sync.schedules")
 TOPOLOGIES: Registry[type] = Registry("sync.topology", "localsgd.sync.topologies")
 REDUCERS: Registry[type] = Registry("sync.reducer", "localsgd.sync.reducers")
@@ -76,6 +81,10 @@ class SyncCommon:
     local model, reporting the mean of their metrics."""
     bucket_mb: float = domain(POSITIVE, 25.0)
     """Size of one averaging bucket in MiB: bounds extra memory and sets the collective count."""
+    state_device: StateDevice = StateDevice.model
+    """Where the sync keeps its state between syncs: the anchor, the outer momentum,
+    error-feedback residuals and CHOCO's public copies: model (the parameters' device) or cpu
+    (host memory, pinned when CUDA is available; each sync moves what it needs)."""
 
 
 PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOPOLOGIES),

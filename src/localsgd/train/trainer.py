@@ -443,6 +443,9 @@ class Trainer:
             "sync/topology": cfg.sync.topology,
             "time/to_target_s": self.state.time_to_target,
             "sync/extra_bytes": self.controller.extra_bytes(),
+            # What holds it: buckets, in_flight, anchor, update (outer momentum), reducer
+            # (error-feedback residuals, CHOCO's public copies).
+            **{f"sync/extra_bytes/{k}": v for k, v in self.controller.extra_memory().items()},
             **self.meter.flat(),
         }
         if "tokens" in progress:

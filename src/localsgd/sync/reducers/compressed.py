@@ -42,12 +42,12 @@ import torch.distributed as dist
 
 from localsgd.config.domains import AT_LEAST_ONE, NON_NEGATIVE, Choice, Range, domain
 from localsgd.registry import Facts, need
-from localsgd.sync.anchor import Anchor
+from localsgd.sync.anchor import Anchor, on_host
 from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
 from localsgd.sync.codecs.base import CODECS, MAX_NUMEL, Codec, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.codecs.quantize import MAX_BITS, Quantized
-from localsgd.sync.parts import REDUCERS
+from localsgd.sync.parts import REDUCERS, StateDevice
 from localsgd.sync.reducers.base import DELTA, Reducer
 
 
@@ -204,6 +204,8 @@ class Compressed(Reducer):
         self.anchor: Anchor | None = None
         """The sync's anchor (bound by the controller): saved with this part's state."""
         self.sync_point_views = not self.keys.exact_average
+        self.on_cpu = StateDevice(cfg.state_device) == StateDevice.cpu
+        """Whether the residuals live in host memory between syncs (sync.state_device)."""
 
     def bind(self, anchor: Anchor | None) -> None:
         self.anchor = anchor
@@ -239,6 +241,9 @@ class Compressed(Reducer):
             payload = self.feedback.compress(key, flat, self.codec, segments, gen)
         else:
             payload = self.codec.encode(flat, segments, gen)
+        if self.feedback is not None and self.on_cpu:
+            self.feedback.residuals = {k: r if r.device.type == "cpu" else on_host(r)
+                                       for k, r in self.feedback.residuals.items()}
         work, gathered = self.gather(payload, group)
         return Pending(work, gathered, segments)
 

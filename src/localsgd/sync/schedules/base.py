@@ -4,7 +4,7 @@
 about to run. Nothing here touches processes, so schedules are unit-tested directly and the
 accounting tests predict collective counts from them. A sync's scope names the workers that
 take part: ``GLOBAL`` (all of them) or ``NODE`` (those of one node); the topology turns a
-scope into a process group.
+scope into a process group (or a graph neighbourhood, ``MIX``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from localsgd.sync.capabilities import MODEL_AVERAGES
 
 GLOBAL = "global"
 NODE = "intra"
+MIX = "gossip"
+"""A global sync that a gossip topology with exact rounds (``sync.exact_every``) turns into
+a neighbour mix: the schedules never return it."""
 MINIBATCH = "minibatch"
 LOCAL = "local"
 

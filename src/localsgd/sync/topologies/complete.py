@@ -7,26 +7,21 @@ sync over a node.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch.distributed as dist
 
 from localsgd.launch.env import DistInfo, node_groups
-from localsgd.registry import Facts, Part
+from localsgd.registry import Facts
 from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.parts import TOPOLOGIES
 from localsgd.sync.schedules.base import GLOBAL, NODE
+from localsgd.sync.topologies.base import Topology
 
 
 @TOPOLOGIES.register
-class Complete(Part):
+class Complete(Topology):
     name = "complete"
-    gossip: ClassVar[bool] = False
-    """Whether a global sync leaves workers apart (graph gossip) rather than agreeing."""
-    reducer: ClassVar[str] = "mean"
-    """The reducer ``sync.reducer=auto`` picks."""
-    mean_reducer: ClassVar[str] = "mean"
-    """The reducer that forms the exact average over ``everyone`` (evaluation, the end)."""
 
     @classmethod
     def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:

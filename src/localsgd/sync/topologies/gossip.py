@@ -13,6 +13,14 @@ spans every worker. The workers never hold identical models while training, so:
 * the mini-batch phase of post-local SGD still all-reduces gradients: gossip replaces only
   the model averages.
 
+With ``sync.exact_every`` N > 0 every N-th global sync is the exact average of all workers
+(one all-reduce through the exact mean) and the others are gossip steps, logged as action
+``gossip`` (``MIX``) and applied as plain mixes: the sync's update (an outer optimizer:
+SlowMo over gossip) steps at the exact syncs only, as it does at the global averages of
+hierarchical SGD. Since W is doubly stochastic, a gossip step keeps the workers' mean, so
+the exact round equals gossip followed by the exact average, SlowMo's own setting. The
+count of global syncs so far (which one is exact) is this part's checkpointed state.
+
 Ring, torus and expander are files of their own that name a graph; this module holds what
 they share.
 """
@@ -29,10 +37,11 @@ import torch.distributed as dist
 
 from localsgd.config.domains import NON_NEGATIVE, domain
 from localsgd.launch.env import DistInfo
-from localsgd.registry import Facts, Part
-from localsgd.sync.capabilities import MODEL_AVERAGES, NEIGHBOURS, WHOLE_SYNCS
-from localsgd.sync.schedules.base import GLOBAL
+from localsgd.registry import Facts
+from localsgd.sync.capabilities import CONSENSUS, MODEL_AVERAGES, NEIGHBOURS, WHOLE_SYNCS
+from localsgd.sync.schedules.base import GLOBAL, MIX
 from localsgd.sync.topologies import graphs
+from localsgd.sync.topologies.base import Topology
 
 TAGS = 1 << 20
 """Exchanges are tagged with a running count modulo this, so that messages between the same
@@ -88,16 +97,18 @@ class GossipKeys:
     (one exact all-reduce of the parameters, counted as comm/consensus) at every N-th sync;
     0 never, and sync records then carry no distance. Evaluation and the final model use the
     exact average either way."""
+    exact_every: int = domain(NON_NEGATIVE, 0)
+    """With a gossip topology: every N-th sync is the exact average of all workers (one
+    all-reduce) instead of a gossip step, and the update (sync.update=outer: SlowMo over
+    gossip) steps there only; the syncs between are gossip steps (action gossip). 0 never."""
 
 
-class Gossip(Part):
+class Gossip(Topology):
     """A topology whose syncs mix with graph neighbours (a subclass names the graph)."""
 
     gossip: ClassVar[bool] = True
     reducer: ClassVar[str] = "gossip"
     """The reducer ``sync.reducer=auto`` picks."""
-    mean_reducer: ClassVar[str] = "mean"
-    """The reducer that forms the exact average over ``everyone`` (evaluation, the end)."""
     Config = GossipKeys
     graph: ClassVar[Callable[[int], np.ndarray]]
     """K -> the mixing matrix (a function of ``graphs``)."""
@@ -116,7 +127,12 @@ class Gossip(Part):
 
     @classmethod
     def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
-        return frozenset({NEIGHBOURS})
+        # Exact rounds leave every worker on one model, where the update steps.
+        return frozenset({NEIGHBOURS} | ({CONSENSUS} if cfg.exact_every > 0 else set()))
+
+    @classmethod
+    def offers(cls, need: str) -> str | None:
+        return "sync.exact_every > 0 (exact rounds of gossip)" if need == CONSENSUS else None
 
     @classmethod
     def needs(cls, cfg: Any, facts: Facts) -> frozenset[str]:
@@ -127,15 +143,33 @@ class Gossip(Part):
         self.info = info
         self.matrix = self.graph(info.world_size)
         self.hood = self._neighbourhood(self.matrix, info.rank)
+        self.exact_every = int(cfg.exact_every)
+        self.rounds = 0
+        """Global syncs started so far: the ``exact_every``-th ones are exact."""
+
+    def round(self, action: str) -> str:
+        if action != GLOBAL or self.exact_every <= 0:
+            return action
+        self.rounds += 1
+        return GLOBAL if self.rounds % self.exact_every == 0 else MIX
+
+    def mixes(self, scope: str) -> bool:
+        return scope == MIX or (scope == GLOBAL and self.exact_every <= 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds} if self.exact_every > 0 else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = int(state.get("rounds", 0))
 
     def _neighbourhood(self, w: np.ndarray, rank: int) -> Any:
         return Neighbourhood.of(w, rank)
 
     def group(self, scope: str) -> tuple[Any, int]:
-        """(this worker's neighbourhood, K) for a global sync."""
-        if scope != GLOBAL:
+        """(this worker's neighbourhood, K) for a gossip step; everyone for an exact one."""
+        if scope not in (GLOBAL, MIX):
             raise ValueError(f"topology {self.name} has no scope {scope!r}")
-        return self.hood, self.info.world_size
+        return (self.hood, self.info.world_size) if self.mixes(scope) else self.everyone()
 
     def everyone(self) -> tuple[Any, int]:
         """(group, size) over which the exact average of all workers is formed."""

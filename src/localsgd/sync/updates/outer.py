@@ -22,22 +22,16 @@ beta=0), on the model's device or, with ``state_device=cpu``, in host memory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import torch
 
 from localsgd.config.domains import FRACTION, POSITIVE, domain
 from localsgd.registry import Facts, need
-from localsgd.sync.anchor import Anchor
+from localsgd.sync.anchor import Anchor, on_host
 from localsgd.sync.capabilities import CONSENSUS, MODEL_AVERAGES
-from localsgd.sync.parts import UPDATES
+from localsgd.sync.parts import UPDATES, StateDevice
 from localsgd.sync.updates.base import Update
-
-
-class StateDevice(str, Enum):
-    model = "model"
-    cpu = "cpu"
 
 
 @dataclass
@@ -52,7 +46,8 @@ class OuterOptimizerKeys:
     """Divide the pseudo-gradient by the inner learning rate gamma and step by alpha * gamma
     (SlowMo); false steps by alpha on the pseudo-gradient itself (DiLoCo, torchft)."""
     state_device: StateDevice = StateDevice.model
-    """Where the anchor and outer momentum live: model (the parameters' device) or cpu."""
+    """Where the anchor and outer momentum live: model (the parameters' device) or cpu
+    (sync.state_device=cpu does the same for all of the sync's state)."""
 
 
 @dataclass
@@ -84,7 +79,8 @@ class Outer(Update):
         o = cfg.outer
         self.lr, self.beta, self.nesterov = float(o.lr), float(o.momentum), bool(o.nesterov)
         self.scaled = bool(o.scale_by_inner_lr)
-        self.on_cpu = StateDevice(o.state_device) == StateDevice.cpu
+        self.on_cpu = StateDevice.cpu in (StateDevice(o.state_device),
+                                          StateDevice(cfg.state_device))
         self.anchor_on_cpu = self.on_cpu
         self.anchor: Anchor = Anchor(self.on_cpu)
         """The sync's anchor, bound by the controller; saved with this part's state."""
@@ -97,7 +93,11 @@ class Outer(Update):
 
     def at_consensus(self, step: int, params: list[torch.Tensor]) -> None:
         if self.beta > 0 and not self.velocity:
-            self.velocity = [torch.zeros_like(a) for a in self.anchor.tensors]
+            self.velocity = [self._zeros(a) for a in self.anchor.tensors]
+
+    def _zeros(self, like: torch.Tensor) -> torch.Tensor:
+        zeros = torch.zeros_like(like)
+        return on_host(zeros) if self.on_cpu else zeros
 
     def begin(self, step: int, inner_lr: float) -> None:
         if not self.anchor:
@@ -157,9 +157,8 @@ class Outer(Update):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        device = torch.device("cpu") if self.on_cpu else None
         if state["anchor"]:
             self.anchor.load(list(state["anchor"]), int(state["anchor_step"]))
-        self.velocity = [t.to(device or t.device) for t in state["velocity"]]
+        self.velocity = [on_host(t) if self.on_cpu else t for t in state["velocity"]]
         if self.beta > 0 and self.anchor and not self.velocity:
-            self.velocity = [torch.zeros_like(a) for a in self.anchor.tensors]
+            self.velocity = [self._zeros(a) for a in self.anchor.tensors]
