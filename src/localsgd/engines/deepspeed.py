@@ -206,6 +206,13 @@ class DeepSpeedEngine(EnginePart):
                 "over all workers with an all-reduce at every step, which local steps must not "
                 f"do ({facts.algorithm}); use engine.name=ddp (each worker clips its own "
                 "gradient) or optim.grad_clip=0")
+        from localsgd.sync.sharding import grouped
+
+        if grouped(facts.replica_group, facts):
+            problems.append(
+                f"engine.name: deepspeed does not train inside replica groups yet "
+                f"(sync.replica_group={facts.replica_group}); use engine.name=fsdp to shard "
+                "the model over each group, engine.name=ddp, or sync.replica_group=1")
         return problems
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:

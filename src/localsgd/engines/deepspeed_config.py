@@ -194,7 +194,9 @@ def _reconcile(ds: dict[str, Any], path: str,
                      f"sync.algorithm={facts.algorithm} trains a separate model on every "
                      "worker, and ZeRO partitions optimizer state (and gradients from stage 2) "
                      "across workers, which local SGD cannot use; use a stage-0 config (e.g. "
-                     "deepspeed_configs/zero0_fp32.json) or sync.algorithm=minibatch")
+                     "deepspeed_configs/zero0_fp32.json), sync.algorithm=minibatch, or shard "
+                     "inside replica groups with engine.name=fsdp and sync.replica_group=node "
+                     "(local SGD across the groups)")
         allow = ds.get("zero_allow_untested_optimizer", True)
         if allow is not True:
             p.append(f"{where} sets zero_allow_untested_optimizer={json.dumps(allow)}, but the "

@@ -84,4 +84,6 @@ def problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
             out.append(f"{who}{' with ' + now if now else ''}: {short} needs {need} "
                        f"({MEANING.get(need, need)}), which "
                        f"{by + ' gives' if by else 'no registered part gives'}")
-    return out
+    from localsgd.sync.sharding import replica_problems
+
+    return out + replica_problems(cfg, facts, chosen, selectors, name_of)

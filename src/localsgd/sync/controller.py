@@ -26,6 +26,7 @@ from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy
 from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
+from localsgd.sync.sharding import local
 from localsgd.sync.updates.base import Update
 
 
@@ -308,7 +309,8 @@ class SyncController:
     def averaged_copy(self, target: SyncTarget, out: nn.Module) -> None:
         """Write the average of all workers' models into ``out``; the workers are untouched."""
         src_params = target.sync_params()
-        dst_params = list(out.parameters())
+        with torch.no_grad():  # a sharded copy: write into its shards
+            dst_params = [local(p) for p in out.parameters()]
         src_buffers = target.sync_buffers()
         dst_buffers = list(out.buffers())
         with torch.no_grad():

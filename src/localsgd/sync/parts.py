@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from localsgd.config.domains import POSITIVE, Choice, domain
+from localsgd.launch.replicas import GroupSize
 from localsgd.registry import Registry, Section
 from localsgd.sync.capabilities import problems as capability_problems
 
@@ -76,6 +77,12 @@ class SyncCommon:
     local model, reporting the mean of their metrics."""
     bucket_mb: float = domain(POSITIVE, 25.0)
     """Size of one averaging bucket in MiB: bounds extra memory and sets the collective count."""
+    replica_group: str = domain(GroupSize(), "1")
+    """Ranks that train as one synchronous data-parallel worker: 1 (every rank is a worker),
+    node (the ranks of one node) or an integer S dividing the workers per node. Inside a
+    group every step reduces gradients over its S ranks (sharded by ``engine.name=fsdp``);
+    the schedule, averaging and outer steps run across the world / S groups, each rank with
+    the ranks holding its shard in the others. ``data.batch_size`` stays per rank."""
 
 
 PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOPOLOGIES),

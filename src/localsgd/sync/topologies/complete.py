@@ -21,6 +21,8 @@ from localsgd.sync.schedules.base import GLOBAL, NODE
 @TOPOLOGIES.register
 class Complete(Part):
     name = "complete"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
     gossip: ClassVar[bool] = False
     """Whether a global sync leaves workers apart (graph gossip) rather than agreeing."""
     reducer: ClassVar[str] = "mean"
@@ -44,8 +46,9 @@ class Complete(Part):
             return self.node_group, self.info.local_world_size
         if scope != GLOBAL:
             raise ValueError(f"topology complete has no scope {scope!r}")
-        return None, self.info.world_size
+        return self.everyone()
 
     def everyone(self) -> tuple[dist.ProcessGroup | None, int]:
-        """(group, size) over which the exact average of all workers is formed."""
-        return None, self.info.world_size
+        """(group, size) over which the exact average of all workers is formed: the world,
+        or across replica groups the ranks holding this rank's shard (``GroupInfo``)."""
+        return getattr(self.info, "world_group", None), self.info.world_size
