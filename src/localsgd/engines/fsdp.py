@@ -2,11 +2,13 @@
 
 ``launch/replicas.py`` lays the world out as G groups of S ranks (``sync.replica_group``).
 Each direct child of the model that holds parameters, and then the model itself, is
-sharded over the mesh, so a rank keeps 1/S of every parameter, of its gradient and of the
-optimizer state. Every micro-batch FSDP all-gathers the weights of one child at a time and
-reduce-scatters gradients over the group. Mini-batch steps also all-reduce the sharded
-gradients across groups (HSDP); local steps skip that (``set_requires_all_reduce``), so
-between syncs each group trains on its own.
+sharded over the mesh's shard dimension (the group's S ranks), so a rank keeps 1/S of every
+parameter, of its gradient and of the optimizer state. Every micro-batch FSDP all-gathers
+the weights of one child at a time and reduce-scatters gradients over the group. Mini-batch
+steps then all-reduce the sharded gradients across groups, over the replicate dimension
+(HSDP's result); local steps skip that, so between syncs each group trains on its own.
+FSDP's own HSDP all-reduce is not used: a step without it keeps the gradients aside until
+one with it (gradient accumulation), where local SGD needs them applied.
 
 The sync parts see each rank's local shards (``to_local()``): a rank averages them with the
 ranks holding the same shard in the other groups (``Replicas.across``), so a sync moves 1/S
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from localsgd.config.errors import ConfigError
@@ -97,7 +99,7 @@ class FSDPEngine(EnginePart):
             broadcast_state(module, ctx.meter)
         blueprint = copy.deepcopy(module)
         names = {id(p): n for n, p in module.named_parameters()}
-        shard_module(module, replicas.mesh)
+        shard_module(module, replicas.mesh["shard"])
         # The optimizer was built on the whole parameters; it steps their shards now.
         sharded = dict(module.named_parameters())
         for group in self.optimizer.param_groups:
@@ -111,11 +113,6 @@ class FSDPEngine(EnginePart):
         self.full_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         """Bytes of the whole model's parameters."""
 
-    @property
-    def fsdp(self) -> FSDPModule:
-        assert isinstance(self.module, FSDPModule)
-        return self.module
-
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
@@ -125,7 +122,6 @@ class FSDPEngine(EnginePart):
         """One micro-batch; gradients are reduce-scattered over the group, and all-reduced
         across groups only when ``grad_sync`` (a mini-batch step). FSDP keeps the partial
         sums of micro-batches without the all-reduce and adds them into the next one."""
-        self.fsdp.set_requires_all_reduce(grad_sync)
         with timer.phase("forward"):
             logits = self.module(x)
             loss = loss_fn(logits, y)
@@ -136,8 +132,23 @@ class FSDPEngine(EnginePart):
             # again for backward, the whole gradient reduce-scattered.
             self.meter.record("group", 2 * self.shard_bytes + self.full_bytes, calls=0)
         if grad_sync and self.replicas.groups > 1:
-            self.meter.record("grad", self.shard_bytes, calls=0)
+            self._all_reduce_grads()
         return loss.detach(), logits.detach()
+
+    def _all_reduce_grads(self) -> None:
+        """The mean over groups of the (accumulated) sharded gradients, in one flat buffer
+        per dtype; divided first, as DDP does."""
+        with torch.no_grad():
+            grads = [local(p.grad) for p in self.module.parameters() if p.grad is not None]
+            for dtype in dict.fromkeys(g.dtype for g in grads):
+                same = [g for g in grads if g.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for g in same]).div_(self.replicas.groups)
+                with self.meter.timed("grad", flat.numel() * flat.element_size()):
+                    dist.all_reduce(flat, group=self.replicas.across)
+                pos = 0
+                for g in same:
+                    g.copy_(flat[pos:pos + g.numel()].view_as(g))
+                    pos += g.numel()
 
     def optimizer_step(self) -> None:
         self.optimizer.step()
@@ -163,7 +174,7 @@ class FSDPEngine(EnginePart):
         writes each rank's shard of the average into it)."""
         assert self._blueprint is not None, "eval_copy is built once"
         copy_, self._blueprint = self._blueprint, None
-        shard_module(copy_, self.replicas.mesh)
+        shard_module(copy_, self.replicas.mesh["shard"])
         return copy_
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
