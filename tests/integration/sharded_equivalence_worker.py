@@ -22,7 +22,7 @@ from helpers import NoTimer
 from torch import nn
 
 from localsgd.config.schema import DistConfig, ModelConfig, ModelName
-from localsgd.engines import EngineConfig, EngineContext, build_engine
+from localsgd.engines import EngineContext, build_engine
 from localsgd.launch.env import init_distributed
 from localsgd.launch.replicas import build_replicas
 from localsgd.models import build_model
