@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, synthetic_args, torchrun
+from conftest import REPO, free_port, synthetic_args, torchrun, worker_env
 
 WORKER = REPO / "tests/integration/sharded_equivalence_worker.py"
 
@@ -65,3 +65,25 @@ def test_fsdp_run_equals_ddp_groups_and_saves_a_plain_model(tmp_path: Path) -> N
     sharded, whole = _summary(runs["fsdp"]), _summary(runs["ddp"])
     assert 2 * int(sharded["comm/average/bytes"]) == int(whole["comm/average/bytes"]) > 0
     assert sharded["eval/acc"] == pytest.approx(whole["eval/acc"])
+
+
+@pytest.mark.slow
+def test_fsdp_shards_resume_bitwise_after_a_killed_worker(tmp_path: Path) -> None:
+    """Each rank checkpoints its own shards (model, AdamW moments as DTensors, the outer
+    anchor and momentum); a SIGKILL mid-period restarts from step 10 and ends bitwise on
+    the uninterrupted run's model."""
+    from test_fault_tolerance import FAULT, elastic
+
+    common = ["engine.name=fsdp", "sync.replica_group=2", "sync.algorithm=local",
+              "sync.period=3", "sync.update=outer", "sync.outer.momentum=0.9",
+              "sync.outer.nesterov=true", "sync.outer.lr=0.7", "optim.name=adamw",
+              "optim.base_lr=0.001", "model.dtype=float64", "run.checkpoint_every_steps=5"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    torchrun(synthetic_args(clean, *common), nproc=4)
+    env = worker_env(FAULT_RANK="1", FAULT_STEP="12", FAULT_SIGNAL="KILL")
+    proc = torchrun(synthetic_args(killed, *common), nproc=4, script=FAULT, env=env,
+                    extra_launch=elastic(free_port()))
+    assert "resumed from step 10" in proc.stdout, proc.stdout[-2000:]
+    a = torch.load(clean / "model.pt", weights_only=True)
+    b = torch.load(killed / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
