@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import REPO, free_port, synthetic_args, torchrun, worker_env
 
+from localsgd.report.files import read_metrics
+
 WORKER = REPO / "tests/integration/sharded_equivalence_worker.py"
 
 
@@ -65,6 +67,12 @@ def test_fsdp_run_equals_ddp_groups_and_saves_a_plain_model(tmp_path: Path) -> N
     sharded, whole = _summary(runs["fsdp"]), _summary(runs["ddp"])
     assert 2 * int(sharded["comm/average/bytes"]) == int(whole["comm/average/bytes"]) > 0
     assert sharded["eval/acc"] == pytest.approx(whole["eval/acc"])
+    # The consensus distance of the whole model, from the shards' (root of their sum of
+    # squares over the group), equals the unsharded one at every sync.
+    distances = {e: [r["sync/consensus_distance"] for r in read_metrics(run)
+                     if r["event"] == "sync"] for e, run in runs.items()}
+    assert len(distances["fsdp"]) >= 5
+    assert distances["fsdp"] == pytest.approx(distances["ddp"], rel=1e-9)
 
 
 @pytest.mark.slow

@@ -169,6 +169,16 @@ class FSDPEngine(EnginePart):
     def after_params_changed(self) -> None:
         pass
 
+    def whole_distance(self, shard: float) -> float:
+        """The consensus distance of the whole model from this rank's shard's: the root of
+        the sum of squares over the group's shards (every rank of the group calls it)."""
+        if self.replicas.size == 1:
+            return shard
+        sq = torch.tensor([shard * shard], dtype=torch.float64, device=self.info.device)
+        with self.meter.timed("other", sq.numel() * sq.element_size()):
+            dist.all_reduce(sq, group=self.replicas.within)
+        return float(sq.sqrt())
+
     def eval_copy(self) -> nn.Module:
         """A second model sharded like this one, for the averaged model (``averaged_copy``
         writes each rank's shard of the average into it)."""

@@ -86,6 +86,7 @@ class Replicas:
     """The S ranks of this rank's group."""
     across: Any = None
     """The G ranks holding this rank's shard index; None: the whole world (S = 1)."""
+
     @property
     def index(self) -> int:
         """This rank's group."""

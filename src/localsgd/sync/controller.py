@@ -258,7 +258,10 @@ class SyncController:
         return self.runner.in_consensus(self.schedule, self.step)
 
     def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
+        # An engine holding shards measures its shard's distance; it knows the whole's.
+        whole = getattr(target, "whole_distance", None)
         for step, action, distance in done:
+            distance = whole(distance) if whole is not None else distance
             self.events.append(SyncEvent(step, action, distance))
             for o in self.observers:
                 o.after_sync(step, action, distance, target)

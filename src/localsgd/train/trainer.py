@@ -129,8 +129,13 @@ class Trainer:
                                                self.steps_per_epoch, self.observers, lr_at)
         self.schedule = self.controller.schedule
         self.averaged_eval = cfg.sync.eval_model == EvalModel.averaged
+        # A sharded model's forward is a collective of its group, so the group's ranks
+        # score the same test shard: every sum is S times the group's, the metrics
+        # (ratios of sums) are unchanged.
+        eval_rank, eval_world = ((self.replicas.index, self.replicas.groups)
+                                 if engine_shards(known) else (info.rank, info.world_size))
         self.eval_loader = build_eval_loader(
-            self.data.test, max(256, cfg.data.batch_size), info.rank, info.world_size,
+            self.data.test, max(256, cfg.data.batch_size), eval_rank, eval_world,
             shard=self.averaged_eval, num_workers=cfg.data.num_workers)
         eval_copy = getattr(self.engine, "eval_copy", None)  # a sharded engine's own
         self.eval_module = ((eval_copy() if eval_copy else copy.deepcopy(self.engine.module))
