@@ -1,10 +1,10 @@
 """Per-rank bytes of a replica group's state: parameters, gradients, optimizer state and sync
-state, and the bytes one cross-group sync sends, for ``sync.replica_group`` S in {1, 2}.
+state, and the bytes one cross-group sync sends, for ``sync.replica_group`` S in {1, 2, 4}.
 
-    python benchmarks/bench_sharded_memory.py [--nproc 4] [--hidden 1024]
+    python benchmarks/bench_sharded_memory.py [--nproc 8] [--hidden 1024]
 
 runs one torchrun job of ``--nproc`` ranks (gloo, CPU). For each layout (ddp with S = 1,
-fsdp with S = 1 and S = 2) every rank trains an MLP with AdamW for 4 steps of local SGD
+fsdp with S = 1, 2 and 4, while at least two groups remain) every rank trains an MLP with AdamW for 4 steps of local SGD
 (period 2) with a DiLoCo-style outer step (anchor + outer momentum), then reports rank 0's
 bytes, counted from the tensors it holds (each rank's local shards, ``to_local()``), not
 from the process's resident size. Writes ``benchmarks/results/sharded_memory.json``.
@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = (("ddp", 1), ("fsdp", 1), ("fsdp", 2))
+LAYOUTS = (("ddp", 1), ("fsdp", 1), ("fsdp", 2), ("fsdp", 4))
+"""(engine, S); those with S > world / 2 (a single group, nothing to sync) are skipped."""
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -98,7 +99,8 @@ def worker(hidden: int) -> None:
     from localsgd.launch.env import init_distributed
 
     info = init_distributed(DistConfig())
-    rows = [measure(engine, size, hidden, info) for engine, size in LAYOUTS]
+    rows = [measure(engine, size, hidden, info) for engine, size in LAYOUTS
+            if 2 * size <= info.world_size]
     if info.rank == 0:
         print(json.dumps(rows), flush=True)
     dist.destroy_process_group()
@@ -106,7 +108,7 @@ def worker(hidden: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--nproc", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/sharded_memory.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
