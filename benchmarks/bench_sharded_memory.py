@@ -4,10 +4,11 @@ state, and the bytes one cross-group sync sends, for ``sync.replica_group`` S in
     python benchmarks/bench_sharded_memory.py [--nproc 8] [--hidden 1024]
 
 runs one torchrun job of ``--nproc`` ranks (gloo, CPU). For each layout (ddp with S = 1,
-fsdp with S = 1, 2 and 4, while at least two groups remain) every rank trains an MLP with AdamW for 4 steps of local SGD
-(period 2) with a DiLoCo-style outer step (anchor + outer momentum), then reports rank 0's
-bytes, counted from the tensors it holds (each rank's local shards, ``to_local()``), not
-from the process's resident size. Writes ``benchmarks/results/sharded_memory.json``.
+fsdp with S = 1, 2 and 4, while at least two groups remain) every rank trains an MLP with
+AdamW for 4 steps of local SGD (period 2) with a DiLoCo-style outer step (anchor + outer
+momentum), then reports rank 0's bytes, counted from the tensors it holds (each rank's
+local shards, ``to_local()``), not from the process's resident size. Writes
+``benchmarks/results/sharded_memory.json``.
 """
 
 from __future__ import annotations

@@ -21,15 +21,24 @@ def _problems(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list
                   if line.startswith("  - ")]
 
 
+def _zero1(folder: Path) -> Path:
+    path = folder / "zero1.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    return path
+
+
 @pytest.mark.parametrize("overrides", [
     [], ["sync.replica_group=2", "engine.name=fsdp", "sync.algorithm=local"],
     ["sync.replica_group=node", "sync.algorithm=post_local", "sync.switch_step=4",
      "sync.update=outer", "sync.outer.momentum=0.9"],
     ["sync.replica_group=2", "--nproc-per-node=4", "--nnodes=2"],
+    ["engine.name=deepspeed", "engine.deepspeed_config={zero1}", "sync.algorithm=local",
+     "sync.replica_group=node"],
 ])
-def test_groups_that_run_are_valid(overrides: list[str],
+def test_groups_that_run_are_valid(overrides: list[str], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    assert _problems(capsys, *overrides) == (0, [])
+    zero1 = _zero1(tmp_path)
+    assert _problems(capsys, *(o.format(zero1=zero1) for o in overrides)) == (0, [])
 
 
 @pytest.mark.parametrize(("overrides", "starts", "says"), [
@@ -47,15 +56,15 @@ def test_groups_that_run_are_valid(overrides: list[str],
      "use sync.algorithm=local|minibatch|post_local"),
     (["engine.name=fsdp", "model.precision=bf16"], "model.precision:", "model.precision=fp32"),
     (["engine.name=deepspeed", "engine.deepspeed_config=deepspeed_configs/zero0_fp32.json",
-      "sync.replica_group=2"], "engine.name:", "use engine.name=fsdp"),
+      "sync.replica_group=2", "sync.algorithm=minibatch"], "sync.algorithm:",
+     "use sync.algorithm=local, or engine.name=fsdp"),
     (["engine.name=deepspeed", "engine.deepspeed_config={zero1}", "sync.algorithm=local"],
-     "", "engine.name=fsdp and sync.replica_group=node"),
+     "", "shard inside replica groups with sync.replica_group=node"),
 ])
 def test_what_cannot_run_is_one_line_naming_the_key(
         overrides: list[str], starts: str, says: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    zero1 = tmp_path / "zero1.json"
-    zero1.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    zero1 = _zero1(tmp_path)
     code, lines = _problems(capsys, *(o.format(zero1=zero1) for o in overrides))
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(starts) and says in lines[0], lines[0]

@@ -17,13 +17,14 @@ from localsgd.report.files import read_metrics
 WORKER = REPO / "tests/integration/sharded_equivalence_worker.py"
 
 
-def _check_worker(size: int, nproc: int) -> None:
-    proc = torchrun([str(size), "8"], nproc=nproc, script=WORKER, timeout=600)
-    # Every rank, for local, post-local and outer, for fsdp and ddp (the worker exits 1 on
-    # a difference above 1e-10 or a model that did not move). Ranks share stdout, so their
-    # lines may interleave: count the reports, not lines.
+def _check_worker(size: int, nproc: int, engines: str = "fsdp,ddp", cases: int = 3) -> None:
+    proc = torchrun([str(size), "8", engines], nproc=nproc, script=WORKER, timeout=600)
+    # Every rank, for each algorithm, for each engine (the worker exits 1 on a difference
+    # above round-off or a model that did not move). Ranks share stdout, so their lines
+    # may interleave: count the reports, not lines.
     reports = f"{nproc // size}x{size}: max |engine - simulation|"
-    assert proc.stdout.count(reports) == nproc * 3 * 2, proc.stdout[-2000:]
+    expected = nproc * cases * len(engines.split(","))
+    assert proc.stdout.count(reports) == expected, proc.stdout[-2000:]
 
 
 def test_two_groups_of_two_shards_equal_the_simulated_algorithm() -> None:
@@ -36,6 +37,13 @@ def test_two_groups_of_two_shards_equal_the_simulated_algorithm() -> None:
 @pytest.mark.parametrize(("size", "nproc"), [(4, 8), (2, 8)])
 def test_eight_ranks_as_groups_equal_the_simulated_algorithm(size: int, nproc: int) -> None:
     _check_worker(size, nproc)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_inside_groups_equals_the_simulated_algorithm() -> None:
+    """ZeRO-1 and ZeRO-2 partitioned over each group (``deepspeed.initialize(mpu=...)``),
+    local and outer sync across groups on each rank's fp32 partitions."""
+    _check_worker(2, 4, "zero1,zero2", cases=2)
 
 
 def _summary(run: Path) -> dict[str, object]:

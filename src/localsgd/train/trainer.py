@@ -423,7 +423,10 @@ class Trainer:
         if self.averaged_eval:
             model = self.engine.module
             if self.eval_module is not None:
-                self.controller.averaged_copy(self.engine, self.eval_module)
+                # An engine whose sync tensors are not the module's says what to copy.
+                target = getattr(self.engine, "eval_target", None)
+                self.controller.averaged_copy(target() if target else self.engine,
+                                              self.eval_module)
                 model = self.eval_module
             totals = evaluate(model, self.eval_loader, self.device, self.dtype, self.layout)
         else:
