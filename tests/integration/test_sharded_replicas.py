@@ -84,6 +84,26 @@ def test_fsdp_run_equals_ddp_groups_and_saves_a_plain_model(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
+    """Through the trainer in float32: ZeRO-2 inside groups of 2 gives ddp groups' model,
+    sending half the cross-group averaging bytes (each rank its fp32 partition)."""
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    common = ["sync.replica_group=2", "sync.algorithm=local", "sync.period=3",
+              "sync.update=outer", "sync.outer.momentum=0.9", "sync.outer.nesterov=true",
+              "sync.outer.lr=0.7", "train.epochs=2"]
+    runs = {"deepspeed": [f"engine.deepspeed_config={zero2}"], "ddp": []}
+    for engine, extra in runs.items():
+        torchrun(synthetic_args(tmp_path / engine, f"engine.name={engine}", *common, *extra),
+                 nproc=4)
+    ds = torch.load(tmp_path / "deepspeed" / "model.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    assert max(float((ds[k] - ddp[k]).abs().max()) for k in ddp) < 1e-5
+    sharded, whole = _summary(tmp_path / "deepspeed"), _summary(tmp_path / "ddp")
+    assert 2 * int(sharded["comm/average/bytes"]) == int(whole["comm/average/bytes"]) > 0
+
+
+@pytest.mark.slow
 def test_fsdp_shards_resume_bitwise_after_a_killed_worker(tmp_path: Path) -> None:
     """Each rank checkpoints its own shards (model, AdamW moments as DTensors, the outer
     anchor and momentum); a SIGKILL mid-period restarts from step 10 and ends bitwise on

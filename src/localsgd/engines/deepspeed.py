@@ -240,6 +240,9 @@ class DeepSpeedEngine(EnginePart):
         self.replicas = replicas if replicas is not None and replicas.size > 1 else None
         """The replica group whose ranks are DeepSpeed's data-parallel group."""
         self.zero_groups = self.replicas is not None and self.stage >= 1
+        self._step_kind = "group" if self.replicas is not None else "grad"
+        """What DeepSpeed's collectives in a step are counted as: inside a replica group
+        (local steps only) they never leave it."""
         """ZeRO partitions over the group: the sync moves each rank's fp32 partitions."""
         self._micro = 0
         # Without torchrun (one process) DeepSpeed still insists on LOCAL_RANK.
@@ -316,7 +319,7 @@ class DeepSpeedEngine(EnginePart):
         # whose non-boundary micro-batches DeepSpeed does not reduce at stages 0-1 either.
         # A replica group reduces over its own ranks at every step.
         skip = not grad_sync and self.stage < 2 and self.replicas is None
-        with self._comm.counting_as("grad"):
+        with self._comm.counting_as(self._step_kind):
             with timer.phase("forward"):
                 logits = self.ds(x)
                 loss = loss_fn(logits, y)
@@ -330,7 +333,7 @@ class DeepSpeedEngine(EnginePart):
         if self._micro != self.grad_accum:
             raise RuntimeError(f"optimizer_step after {self._micro} micro-batches; the "
                                f"engine was built for train.grad_accum={self.grad_accum}")
-        with self._comm.counting_as("grad"):
+        with self._comm.counting_as(self._step_kind):
             self.ds.step()  # also clears the gradients
         self._micro = 0
 
