@@ -86,7 +86,7 @@ def test_fsdp_run_equals_ddp_groups_and_saves_a_plain_model(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
     """Through the trainer in float32: ZeRO-2 inside groups of 2 gives ddp groups' model,
-    sending half the cross-group averaging bytes (each rank its fp32 partition)."""
+    sending half the cross-group averaging bytes (each rank its fp32 partition, padded)."""
     zero2 = tmp_path / "zero2.json"
     zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     common = ["sync.replica_group=2", "sync.algorithm=local", "sync.period=3",
@@ -100,7 +100,9 @@ def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
     ddp = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
     assert max(float((ds[k] - ddp[k]).abs().max()) for k in ddp) < 1e-5
     sharded, whole = _summary(tmp_path / "deepspeed"), _summary(tmp_path / "ddp")
-    assert 2 * int(sharded["comm/average/bytes"]) == int(whole["comm/average/bytes"]) > 0
+    # Half, up to the few elements DeepSpeed pads its flat partitions with for alignment.
+    half = int(whole["comm/average/bytes"]) / 2
+    assert half <= int(sharded["comm/average/bytes"]) <= 1.001 * half
 
 
 @pytest.mark.slow
