@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from localsgd.engines.base import EnginePart, momentum_tensors
+from localsgd.engines.groups import EvalTarget, saved_buffers
 from localsgd.engines.precision import Autocast
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.sync.accounting import CommMeter
@@ -219,12 +220,15 @@ class DDPEngine(EnginePart):
         (every rank must call it); None without replica groups: the module's own."""
         if self.replicas is None:
             return None
-        with torch.no_grad():
-            for b in self.module.buffers():
-                if b.is_floating_point():
-                    dist.all_reduce(b, group=self.replicas.within)
-                    b.div_(self.replicas.size)
+        saved_buffers(self.module, self.replicas, self.meter)
         return self.module.state_dict()
+
+    def eval_target(self) -> Any:
+        """The averaged evaluation copy's source: inside replica groups, with the group's
+        mean BatchNorm statistics."""
+        if self.replicas is None:
+            return self
+        return EvalTarget(self.sync_params(), self.sync_buffers(), self.replicas, self.meter)
 
     def state_dict(self) -> dict[str, Any]:
         # Error-feedback residuals of compressed gradients: the engine's mean of states

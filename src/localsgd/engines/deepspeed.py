@@ -64,7 +64,8 @@ from localsgd.engines.deepspeed_config import (
     resolve_deepspeed_config,
     zero_stage,
 )
-from localsgd.engines.deepspeed_groups import GroupMPU, ModuleTarget, average_group_buffers
+from localsgd.engines.deepspeed_groups import GroupMPU
+from localsgd.engines.groups import EvalTarget, saved_buffers
 from localsgd.engines.precision import batch_norm_in_fp32
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.registry import Facts
@@ -234,6 +235,7 @@ class DeepSpeedEngine(EnginePart):
         self.module = module
         self.optimizer = optimizer
         self.info = info
+        self.meter = meter
         self.grad_accum = grad_accum
         self.stage = zero_stage(ds_config)
         replicas = ctx.replicas
@@ -352,16 +354,21 @@ class DeepSpeedEngine(EnginePart):
         return momentum_tensors(self.optimizer)
 
     def eval_target(self) -> Any:
-        """What the averaged evaluation copy is built from: the module's whole weights
-        when the sync moves ZeRO partitions."""
-        return ModuleTarget(self.module) if self.zero_groups else self
+        """What the averaged evaluation copy is built from: inside replica groups the
+        module's whole weights (the sync moves ZeRO partitions) and the group's mean
+        BatchNorm statistics."""
+        if self.replicas is None:
+            return self
+        params = ([p.data for p in self.module.parameters()] if self.zero_groups
+                  else self.sync_params())
+        return EvalTarget(params, self.sync_buffers(), self.replicas, self.meter)
 
     def full_state_dict(self) -> dict[str, Any] | None:
         """Inside replica groups, the module with BatchNorm statistics averaged over the
         group (every rank must call it); else None: the module's own."""
         if self.replicas is None:
             return None
-        average_group_buffers(self.module, self.replicas)
+        saved_buffers(self.module, self.replicas, self.meter)
         return self.module.state_dict()
 
     def after_params_changed(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 
@@ -49,27 +48,3 @@ class GroupMPU:
 
     def get_model_parallel_rank(self) -> int:
         return 0
-
-
-class ModuleTarget:
-    """The module's whole weights as a ``SyncTarget``, for the averaged evaluation copy
-    (the sync itself moves the ZeRO partitions, which have no per-parameter layout)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def sync_params(self) -> list[torch.Tensor]:
-        return [p.data for p in self.module.parameters()]
-
-    def sync_buffers(self) -> list[torch.Tensor]:
-        return [b.data for b in self.module.buffers()]
-
-
-def average_group_buffers(module: torch.nn.Module, replicas: Any) -> None:
-    """BatchNorm statistics averaged over the group's ranks (each keeps its own in
-    training), so the saved model holds the mean of every rank's."""
-    with torch.no_grad():
-        for b in module.buffers():
-            if b.is_floating_point():
-                dist.all_reduce(b, group=replicas.within)
-                b.div_(replicas.size)

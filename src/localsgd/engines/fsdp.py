@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from localsgd.config.errors import ConfigError
 from localsgd.engines.base import EnginePart, momentum_tensors
 from localsgd.engines.ddp import broadcast_state
+from localsgd.engines.groups import EvalTarget, saved_buffers
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.registry import Facts
 from localsgd.sync.sharding import local
@@ -54,6 +55,18 @@ def _to_local(state: Any) -> Any:
     if isinstance(state, DTensor):
         return state.to_local().detach().clone()
     return state
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers live on the meta device, so
+    no second whole model is ever allocated."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -97,7 +110,7 @@ class FSDPEngine(EnginePart):
         module = ctx.module
         if ctx.info.world_size > 1:
             broadcast_state(module, ctx.meter)
-        blueprint = copy.deepcopy(module)
+        blueprint = _meta_copy(module)
         names = {id(p): n for n, p in module.named_parameters()}
         shard_module(module, replicas.mesh["shard"])
         # The optimizer was built on the whole parameters; it steps their shards now.
@@ -106,7 +119,7 @@ class FSDPEngine(EnginePart):
             group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         self.module = module
         self._blueprint: nn.Module | None = blueprint
-        """An unsharded copy of the initial model, for ``eval_copy``."""
+        """The model's structure without storage (the meta device), for ``eval_copy``."""
         params = self.sync_params()
         self.shard_bytes = _nbytes(params)
         """Bytes of this rank's parameter shards."""
@@ -179,23 +192,30 @@ class FSDPEngine(EnginePart):
             dist.all_reduce(sq, group=self.replicas.within)
         return float(sq.sqrt())
 
+    def eval_target(self) -> EvalTarget:
+        """The averaged evaluation copy's source: this rank's shards and the group's mean
+        BatchNorm statistics."""
+        return EvalTarget(self.sync_params(), self.sync_buffers(), self.replicas, self.meter)
+
     def eval_copy(self) -> nn.Module:
         """A second model sharded like this one, for the averaged model (``averaged_copy``
         writes each rank's shard of the average into it)."""
         assert self._blueprint is not None, "eval_copy is built once"
         copy_, self._blueprint = self._blueprint, None
         shard_module(copy_, self.replicas.mesh["shard"])
+        # Shards allocated, not filled: every evaluation writes the floating ones first;
+        # counters (BatchNorm's batch count, never averaged) start at 0.
+        copy_.to_empty(device=self.info.device)
+        with torch.no_grad():
+            for b in copy_.buffers():
+                if not b.is_floating_point():
+                    b.zero_()
         return copy_
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model as a plain state dict on the CPU (every rank must call it): the
         shards gathered, BatchNorm statistics averaged over the group's ranks."""
-        if self.replicas.size > 1:
-            with torch.no_grad():
-                for b in self.module.buffers():
-                    if b.is_floating_point():
-                        dist.all_reduce(b, group=self.replicas.within)
-                        b.div_(self.replicas.size)
+        saved_buffers(self.module, self.replicas, self.meter)
         out: dict[str, torch.Tensor] = {}
         for key, value in self.module.state_dict().items():
             full = value.full_tensor() if isinstance(value, DTensor) else value
