@@ -14,7 +14,8 @@ The sync parts see each rank's local shards (``to_local()``): a rank averages th
 ranks holding the same shard in the other groups (``Replicas.across``), so a sync moves 1/S
 of the model per rank, and the anchor and the outer momentum the parts keep are per shard
 too. Writing into a local shard needs ``torch.no_grad()`` (it is a view of a parameter).
-Buffers (BatchNorm statistics) are not sharded: every rank keeps its own, as DDP ranks do.
+Buffers (BatchNorm statistics) are not sharded: every rank keeps its own, as DDP ranks do;
+what is evaluated and saved takes their mean over the group (``engines/groups.py``).
 """
 
 from __future__ import annotations
