@@ -133,17 +133,18 @@ class FSDPEngine(EnginePart):
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
                          scale: float, grad_sync: bool,
                          timer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch; gradients are reduce-scattered over the group, and all-reduced
-        across groups only when ``grad_sync`` (a mini-batch step). FSDP keeps the partial
-        sums of micro-batches without the all-reduce and adds them into the next one."""
+        """One micro-batch; gradients are reduce-scattered over the group (micro-batches
+        accumulate into the sharded gradients), and all-reduced across groups only when
+        ``grad_sync`` (the last micro-batch of a mini-batch step): the accumulated sum."""
         with timer.phase("forward"):
             logits = self.module(x)
             loss = loss_fn(logits, y)
         with timer.phase("backward"):
             (loss * scale if scale != 1.0 else loss).backward()
         if self.replicas.size > 1:
-            # Payload handed to FSDP's collectives: the shard all-gathered for forward and
-            # again for backward, the whole gradient reduce-scattered.
+            # Payload handed to FSDP's collectives (an estimate: FSDP issues them itself):
+            # the shard all-gathered for forward and again for backward, the whole gradient
+            # reduce-scattered.
             self.meter.record("group", 2 * self.shard_bytes + self.full_bytes, calls=0)
         if grad_sync and self.replicas.groups > 1:
             self._all_reduce_grads()
