@@ -112,6 +112,12 @@ def train_main(argv: list[str], observers: list[Any] | None = None) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def _check(args: argparse.Namespace) -> int:
     from localsgd.recipe import RecipeConfig, to_yaml
 
@@ -124,6 +130,11 @@ def _check(args: argparse.Namespace) -> int:
         return _fail("check needs a RECIPE.yaml (or --keys to list every key)", 2)
     try:
         cfg = _load(args.recipe, args.overrides)
+        if args.nproc_per_node is not None:
+            # The launch's own rules (sync.replica_group against the node size, ...).
+            from localsgd.recipe import validate_launch
+
+            validate_launch(cfg, args.nnodes * args.nproc_per_node, args.nproc_per_node)
     except ConfigError as exc:
         return _fail(str(exc), 2)
     print(to_yaml(cfg), end="")
@@ -151,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", nargs="?")
     p.add_argument("--keys", action="store_true",
                    help="list every recipe key with its type, default and accepted values")
+    p.add_argument("--nproc-per-node", type=_positive, default=None,
+                   help="also check the recipe for this many workers per node")
+    p.add_argument("--nnodes", type=_positive, default=1,
+                   help="nodes of the launch checked with --nproc-per-node (default 1)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value")
     p = sub.add_parser("plot", help="plot runs side by side into PNG files")
     p.add_argument("run_dirs", nargs="+")

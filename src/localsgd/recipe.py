@@ -70,6 +70,8 @@ def facts(cfg: RecipeConfig, world_size: int | None = None,
                  channels_last=bool(cfg.model.channels_last),
                  compile_backend=str(cfg.train.compile_backend) if cfg.train.compile else None,
                  grad_clip=float(cfg.optim.grad_clip),
+                 replica_group=str(getattr(cfg.sync, "replica_group", "1")),
+                 engine=str(cfg.engine.name),
                  world_size=world_size, local_world_size=local_world_size)
 
 

@@ -57,6 +57,10 @@ class Facts:
     """train.compile_backend when train.compile is on, else None."""
     grad_clip: float = 0.0
     """optim.grad_clip: the global gradient norm each inner step is clipped to (0: off)."""
+    replica_group: str = "1"
+    """sync.replica_group: the ranks that train as one worker (1, node or S)."""
+    engine: str = "ddp"
+    """engine.name."""
 
 
 class Part:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from localsgd.engines.base import EnginePart, momentum_decays, momentum_tensors
+from localsgd.engines.groups import EvalTarget, saved_buffers
 from localsgd.engines.precision import Autocast
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.sync.accounting import CommMeter
@@ -42,6 +43,10 @@ class _HookState:
     def __init__(self, meter: CommMeter, world_size: int) -> None:
         self.meter = meter
         self.world_size = world_size
+        self.group: dist.ProcessGroup | None = None
+        """The group this step reduces over: None is the world (a replica group's steps
+        between syncs reduce over its own ranks)."""
+        self.kind = "grad"
 
 
 def _counting_allreduce(state: _HookState,
@@ -56,10 +61,11 @@ def _counting_allreduce(state: _HookState,
     start = time.perf_counter()
     # Divide first, like DDP's built-in reduction, so results match it bit for bit.
     buf.div_(state.world_size)
-    fut = dist.all_reduce(buf, async_op=True).get_future()
+    fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
+    kind = state.kind
 
     def done(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
-        state.meter.record("grad", nbytes, time.perf_counter() - start)
+        state.meter.record(kind, nbytes, time.perf_counter() - start)
         return f.value()[0]
 
     return fut.then(done)
@@ -83,6 +89,11 @@ class DDPEngine(EnginePart):
         self.info = info
         self.meter = meter
         self.grad_compression = ctx.grad_compression
+        replicas = ctx.replicas
+        self.replicas = replicas if replicas is not None and replicas.size > 1 else None
+        """The replica group this rank steps with (``sync.replica_group`` > 1): gradients
+        are reduced over its ranks at every step, over the world at mini-batch steps."""
+        self.hook_state: _HookState | None = None
         backend = ctx.facts.compile_backend
         self.wrapped: DistributedDataParallel | None = None
         """DDP, for gradient all-reduces; None with one worker, which has nothing to reduce
@@ -107,12 +118,13 @@ class DDPEngine(EnginePart):
         """A step with gradient sync has run. DDP agrees on its bucket order in the forward
         after the first one, so from then until it has, every step goes through DDP."""
 
-    @staticmethod
-    def _wrap(module: nn.Module, ctx: EngineContext) -> DistributedDataParallel:
+    def _wrap(self, module: nn.Module, ctx: EngineContext) -> DistributedDataParallel:
         info, meter = ctx.info, ctx.meter
+        group = {"process_group": self.replicas.within} if self.replicas is not None else {}
         wrapped = DistributedDataParallel(
             module,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            **group,
             **NO_BUFFER_SYNC,
             init_sync=False,
             gradient_as_bucket_view=True,
@@ -121,7 +133,8 @@ class DDPEngine(EnginePart):
             ctx.grad_compression.bind(module)
             wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
         else:
-            wrapped.register_comm_hook(_HookState(meter, info.world_size), _counting_allreduce)
+            self.hook_state = _HookState(meter, info.world_size)
+            wrapped.register_comm_hook(self.hook_state, _counting_allreduce)
         return wrapped
 
     def train(self, mode: bool = True) -> None:
@@ -132,7 +145,10 @@ class DDPEngine(EnginePart):
                          timer: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch; all-reduce its gradients only when ``grad_sync``."""
         ddp, model, rebuilt = self.wrapped, self.step_module, True
-        if ddp is not None:
+        if ddp is not None and self.replicas is not None:
+            self._group_step(ddp, grad_sync)
+            rebuilt = ddp._has_rebuilt_buckets
+        elif ddp is not None:
             if self.local_module is None or grad_sync or (
                     self._synced and not ddp._has_rebuilt_buckets):
                 ddp.require_backward_grad_sync = grad_sync
@@ -154,6 +170,21 @@ class DDPEngine(EnginePart):
             # No multiply (a kernel forward and one backward) when nothing is accumulated.
             self.amp.backward(loss * scale if scale != 1.0 else loss)
         return loss.detach(), logits.detach()
+
+    def _group_step(self, ddp: DistributedDataParallel, grad_sync: bool) -> None:
+        """A replica group reduces every micro-batch: over its ranks, or over the world when
+        the schedule all-reduces gradients. Reduced gradients that accumulate are the same
+        on every rank of the group, and the mean over the world of a group mean is the mean
+        over the world, so the sum matches a single reduction of the accumulated sum."""
+        assert self.hook_state is not None and self.replicas is not None
+        ddp.require_backward_grad_sync = True
+        self._synced = True
+        if grad_sync:
+            self.hook_state.group, self.hook_state.world_size = None, self.info.world_size
+            self.hook_state.kind = "grad"
+        else:
+            self.hook_state.group = self.replicas.within
+            self.hook_state.world_size, self.hook_state.kind = self.replicas.size, "group"
 
     def _count_bucket_rebuild(self) -> None:
         """DDP's reducer agrees on a bucket order once, in C++; account for it as ``other``.
@@ -186,6 +217,21 @@ class DDPEngine(EnginePart):
 
     def after_params_changed(self) -> None:
         pass
+
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """The model to save, BatchNorm statistics averaged over the replica group's ranks
+        (every rank must call it); None without replica groups: the module's own."""
+        if self.replicas is None:
+            return None
+        saved_buffers(self.module, self.replicas, self.meter)
+        return self.module.state_dict()
+
+    def eval_target(self) -> Any:
+        """The averaged evaluation copy's source: inside replica groups, with the group's
+        mean BatchNorm statistics."""
+        if self.replicas is None:
+            return self
+        return EvalTarget(self.sync_params(), self.sync_buffers(), self.replicas, self.meter)
 
     def state_dict(self) -> dict[str, Any]:
         # Error-feedback residuals of compressed gradients: the engine's mean of states

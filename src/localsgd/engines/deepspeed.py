@@ -64,6 +64,8 @@ from localsgd.engines.deepspeed_config import (
     resolve_deepspeed_config,
     zero_stage,
 )
+from localsgd.engines.deepspeed_groups import GroupMPU
+from localsgd.engines.groups import EvalTarget, saved_buffers
 from localsgd.engines.precision import batch_norm_in_fp32
 from localsgd.engines.registry import ENGINES, EngineContext
 from localsgd.registry import Facts
@@ -206,6 +208,14 @@ class DeepSpeedEngine(EnginePart):
                 "over all workers with an all-reduce at every step, which local steps must not "
                 f"do ({facts.algorithm}); use engine.name=ddp (each worker clips its own "
                 "gradient) or optim.grad_clip=0")
+        from localsgd.sync.sharding import grouped
+
+        if grouped(facts.replica_group, facts) and facts.algorithm != "local":
+            problems.append(
+                f"sync.algorithm: {facts.algorithm} with engine.name=deepspeed inside replica "
+                f"groups (sync.replica_group={facts.replica_group}): mini-batch steps across "
+                "groups are not built for DeepSpeed yet; use sync.algorithm=local, or "
+                "engine.name=fsdp")
         return problems
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:
@@ -225,8 +235,17 @@ class DeepSpeedEngine(EnginePart):
         self.module = module
         self.optimizer = optimizer
         self.info = info
+        self.meter = meter
         self.grad_accum = grad_accum
         self.stage = zero_stage(ds_config)
+        replicas = ctx.replicas
+        self.replicas = replicas if replicas is not None and replicas.size > 1 else None
+        """The replica group whose ranks are DeepSpeed's data-parallel group."""
+        self.zero_groups = self.replicas is not None and self.stage >= 1
+        self._step_kind = "group" if self.replicas is not None else "grad"
+        """What DeepSpeed's collectives in a step are counted as: inside a replica group
+        (local steps only) they never leave it."""
+        """ZeRO partitions over the group: the sync moves each rank's fp32 partitions."""
         self._micro = 0
         # Without torchrun (one process) DeepSpeed still insists on LOCAL_RANK.
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
@@ -244,8 +263,9 @@ class DeepSpeedEngine(EnginePart):
         atexit.register(_release_deepspeed_groups)
         with self._comm.counting_as("other"):
             try:
+                mpu = {"mpu": GroupMPU(self.replicas)} if self.replicas is not None else {}
                 self.ds, self._ds_optimizer, _, _ = deepspeed.initialize(
-                    model=module, optimizer=optimizer, config=ds_config)
+                    model=module, optimizer=optimizer, config=ds_config, **mpu)
             except (*_REJECTIONS, deepspeed.DeepSpeedConfigError) as exc:
                 raise ConfigError([f"{KEY}: DeepSpeed rejected '{cfg.deepspeed_config}': "
                                    f"{type(exc).__name__}: {exc}"]) from exc
@@ -299,8 +319,9 @@ class DeepSpeedEngine(EnginePart):
         self.ds.set_gradient_accumulation_boundary(last)
         # ZeRO-2 reduces inside backward and refuses no_sync; it only runs mini-batch SGD,
         # whose non-boundary micro-batches DeepSpeed does not reduce at stages 0-1 either.
-        skip = not grad_sync and self.stage < 2
-        with self._comm.counting_as("grad"):
+        # A replica group reduces over its own ranks at every step.
+        skip = not grad_sync and self.stage < 2 and self.replicas is None
+        with self._comm.counting_as(self._step_kind):
             with timer.phase("forward"):
                 logits = self.ds(x)
                 loss = loss_fn(logits, y)
@@ -314,13 +335,16 @@ class DeepSpeedEngine(EnginePart):
         if self._micro != self.grad_accum:
             raise RuntimeError(f"optimizer_step after {self._micro} micro-batches; the "
                                f"engine was built for train.grad_accum={self.grad_accum}")
-        with self._comm.counting_as("grad"):
+        with self._comm.counting_as(self._step_kind):
             self.ds.step()  # also clears the gradients
         self._micro = 0
 
     # SyncTarget
     def sync_params(self) -> list[torch.Tensor]:
-        # ZeRO (mini-batch only) has no per-parameter masters; its workers agree anyway.
+        # ZeRO has no per-parameter masters: without groups it runs mini-batch SGD only
+        # (its workers agree anyway); inside groups each rank's fp32 partitions travel.
+        if self.zero_groups:
+            return [t.data for t in self._updated_tensors()]
         return [m.data for _, _, m in self._pairs]
 
     def sync_buffers(self) -> list[torch.Tensor]:
@@ -332,7 +356,30 @@ class DeepSpeedEngine(EnginePart):
     def momentum_decays(self) -> list[float | None]:
         return momentum_decays(self.optimizer)
 
+    def eval_target(self) -> Any:
+        """What the averaged evaluation copy is built from: inside replica groups the
+        module's whole weights (the sync moves ZeRO partitions) and the group's mean
+        BatchNorm statistics."""
+        if self.replicas is None:
+            return self
+        params = ([p.data for p in self.module.parameters()] if self.zero_groups
+                  else self.sync_params())
+        return EvalTarget(params, self.sync_buffers(), self.replicas, self.meter)
+
+    def full_state_dict(self) -> dict[str, Any] | None:
+        """Inside replica groups, the module with BatchNorm statistics averaged over the
+        group (every rank must call it); else None: the module's own."""
+        if self.replicas is None:
+            return None
+        saved_buffers(self.module, self.replicas, self.meter)
+        return self.module.state_dict()
+
     def after_params_changed(self) -> None:
+        if self.zero_groups:
+            # Partitions into the module's weights, all-gathered over the group.
+            with self._comm.counting_as("group"):
+                self._ds_optimizer.update_lp_params()
+            return
         with torch.no_grad():
             for _, p, m in self._pairs:
                 if p is not m:

@@ -84,6 +84,13 @@ def _read_json(path: str, version: tuple[int, int]) -> dict[str, Any]:
     return raw
 
 
+def _grouped(facts: Facts) -> bool:
+    """Whether ranks train in replica groups, whose ranks ZeRO then partitions over."""
+    from localsgd.sync.sharding import grouped
+
+    return grouped(facts.replica_group, facts)
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
@@ -94,6 +101,11 @@ def _reconcile(ds: dict[str, Any], path: str,
                facts: Facts) -> tuple[dict[str, Any], list[str]]:
     """(the JSON with recipe-owned keys filled, problems)."""
     micro_batch, grad_accum, world_size = facts.micro_batch, facts.grad_accum, facts.world_size
+    if world_size is not None and _grouped(facts):
+        # DeepSpeed's data-parallel world is one replica group: its batch is the group's.
+        from localsgd.launch.replicas import group_size
+
+        world_size = group_size(facts.replica_group, facts.local_world_size) or world_size
     out = dict(ds)
     p: list[str] = []
     where = f"{KEY}: '{path}'"
@@ -189,12 +201,14 @@ def _reconcile(ds: dict[str, Any], path: str,
                      f"sync.topology={facts.topology} mixes whole models between neighbours, "
                      "and ZeRO partitions optimizer state (and gradients from stage 2) across "
                      "workers; use a stage-0 config (e.g. deepspeed_configs/zero0_fp32.json)")
-        elif facts.local_steps:
+        elif facts.local_steps and not _grouped(facts):
             p.append(f"{where} sets zero_optimization.stage={stage}, but "
                      f"sync.algorithm={facts.algorithm} trains a separate model on every "
                      "worker, and ZeRO partitions optimizer state (and gradients from stage 2) "
                      "across workers, which local SGD cannot use; use a stage-0 config (e.g. "
-                     "deepspeed_configs/zero0_fp32.json) or sync.algorithm=minibatch")
+                     "deepspeed_configs/zero0_fp32.json), sync.algorithm=minibatch, or shard "
+                     "inside replica groups with sync.replica_group=node (local SGD across "
+                     "the groups; or engine.name=fsdp)")
         allow = ds.get("zero_allow_untested_optimizer", True)
         if allow is not True:
             p.append(f"{where} sets zero_allow_untested_optimizer={json.dumps(allow)}, but the "

@@ -24,7 +24,8 @@ ENGINES: Registry[type] = Registry("engine.name", "localsgd.engines")
 @dataclass
 class EngineCommon:
     name: str = domain(Choice(ENGINES.names, key=ENGINES.key), "ddp")
-    """ddp (PyTorch DistributedDataParallel) or deepspeed."""
+    """ddp (PyTorch DistributedDataParallel), deepspeed, or fsdp (FSDP2 ``fully_shard``
+    over the replica group's ranks, ``sync.replica_group``)."""
 
 
 @dataclass
@@ -40,6 +41,9 @@ class EngineContext:
     grad_compression: Any = None
     """A ``sync.grad_compression.CompressedGrads``: mini-batch gradients travel compressed
     through it instead of the plain all-reduce (``sync.compression.method``)."""
+    replicas: Any = None
+    """A ``launch.replicas.Replicas``: the group this rank steps with every mini-batch
+    (``sync.replica_group``); None or S = 1: every rank is a worker of its own."""
 
 
 SECTION = Section("engine", EngineCommon, {"name": ENGINES})

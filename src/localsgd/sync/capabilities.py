@@ -83,4 +83,6 @@ def problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
                        f"({MEANING.get(need, need)}), which "
                        f"{by + ' gives' if by else 'no registered part gives'}"
                        f"{''.join(', or ' + o for o in offers)}")
-    return out
+    from localsgd.sync.sharding import replica_problems
+
+    return out + replica_problems(cfg, facts, chosen, selectors, name_of)

@@ -26,6 +26,7 @@ from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy, S
 from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
+from localsgd.sync.sharding import local
 from localsgd.sync.topologies.base import Topology
 from localsgd.sync.updates.base import Update
 
@@ -283,7 +284,10 @@ class SyncController:
         return self.runner.in_consensus(self.schedule, self.step)
 
     def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
+        # An engine holding shards measures its shard's distance; it knows the whole's.
+        whole = getattr(target, "whole_distance", None)
         for step, action, distance in done:
+            distance = whole(distance) if whole is not None else distance
             self.events.append(SyncEvent(step, action, distance))
             for o in self.observers:
                 o.after_sync(step, action, distance, target)
@@ -335,7 +339,8 @@ class SyncController:
     def averaged_copy(self, target: SyncTarget, out: nn.Module) -> None:
         """Write the average of all workers' models into ``out``; the workers are untouched."""
         src_params = target.sync_params()
-        dst_params = list(out.parameters())
+        with torch.no_grad():  # a sharded copy: write into its shards
+            dst_params = [local(p) for p in out.parameters()]
         src_buffers = target.sync_buffers()
         dst_buffers = list(out.buffers())
         with torch.no_grad():

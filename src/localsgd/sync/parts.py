@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from localsgd.config.domains import POSITIVE, Choice, domain
+from localsgd.launch.replicas import GroupSize
 from localsgd.registry import Registry, Section
 from localsgd.sync.capabilities import problems as capability_problems
 
@@ -85,6 +86,12 @@ class SyncCommon:
     """Where the sync keeps its state between syncs: the anchor, the outer momentum,
     error-feedback residuals and CHOCO's public copies: model (the parameters' device) or cpu
     (host memory, pinned when CUDA is available; each sync moves what it needs)."""
+    replica_group: str = domain(GroupSize(), "1")
+    """Ranks that train as one synchronous data-parallel worker: 1 (every rank is a worker),
+    node (the ranks of one node) or an integer S dividing the workers per node. Inside a
+    group every step reduces gradients over its S ranks (sharded by ``engine.name=fsdp``);
+    the schedule, averaging and outer steps run across the world / S groups, each rank with
+    the ranks holding its shard in the others. ``data.batch_size`` stays per rank."""
 
 
 PART_KINDS = {"schedule": ("algorithm", SCHEDULES), "topology": ("topology", TOPOLOGIES),

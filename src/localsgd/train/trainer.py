@@ -21,6 +21,7 @@ from localsgd.data import DataError, build_eval_loader
 from localsgd.data.device import build_train_pipeline
 from localsgd.engines import EngineContext, build_engine
 from localsgd.launch.env import DistInfo
+from localsgd.launch.replicas import build_replicas
 from localsgd.recipe import RecipeConfig, facts, to_yaml
 from localsgd.report.base import Reporters
 from localsgd.report.build import build_reporters
@@ -28,6 +29,7 @@ from localsgd.sync.accounting import CommMeter
 from localsgd.sync.controller import SyncController, SyncObserver
 from localsgd.sync.grad_compression import CompressedGrads
 from localsgd.sync.parts import EvalModel
+from localsgd.sync.sharding import engine_shards
 from localsgd.tasks import build_task
 from localsgd.train.checkpoint import Checkpointer
 from localsgd.train.evaluate import evaluate
@@ -116,19 +118,27 @@ class Trainer:
                                          self.peak_lr, self.steps_per_epoch, cfg.train.epochs)
         grads = (CompressedGrads(cfg.sync.compression, self.meter, info.world_size)
                  if cfg.sync.compression.method != "none" and info.world_size > 1 else None)
+        known = facts(cfg, info.world_size, info.local_world_size)
+        # Ranks of one replica group step as one worker; the sync runs across the groups.
+        self.replicas = build_replicas(cfg.sync.replica_group, info, engine_shards(known))
         self.engine = build_engine(cfg.engine, EngineContext(
-            self.model, self.optimizer, info, self.meter,
-            facts(cfg, info.world_size, info.local_world_size), grads))
+            self.model, self.optimizer, info, self.meter, known, grads, self.replicas))
         lr_at = LRCurve(cfg.lr_schedule, cfg.optim.base_lr, self.peak_lr,
                         self.steps_per_epoch, cfg.train.epochs)
-        self.controller = SyncController.build(cfg.sync, info, self.meter,
+        self.controller = SyncController.build(cfg.sync, self.replicas.sync_info(), self.meter,
                                                self.steps_per_epoch, self.observers, lr_at)
         self.schedule = self.controller.schedule
         self.averaged_eval = cfg.sync.eval_model == EvalModel.averaged
+        # A sharded model's forward is a collective of its group, so the group's ranks
+        # score the same test shard: every sum is S times the group's, the metrics
+        # (ratios of sums) are unchanged.
+        eval_rank, eval_world = ((self.replicas.index, self.replicas.groups)
+                                 if engine_shards(known) else (info.rank, info.world_size))
         self.eval_loader = build_eval_loader(
-            self.data.test, max(256, cfg.data.batch_size), info.rank, info.world_size,
+            self.data.test, max(256, cfg.data.batch_size), eval_rank, eval_world,
             shard=self.averaged_eval, num_workers=cfg.data.num_workers)
-        self.eval_module = (copy.deepcopy(self.engine.module)
+        eval_copy = getattr(self.engine, "eval_copy", None)  # a sharded engine's own
+        self.eval_module = ((eval_copy() if eval_copy else copy.deepcopy(self.engine.module))
                             if self.averaged_eval and info.world_size > 1 else None)
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size,
                                          cfg.run.keep_checkpoints, self.meter)
@@ -413,7 +423,10 @@ class Trainer:
         if self.averaged_eval:
             model = self.engine.module
             if self.eval_module is not None:
-                self.controller.averaged_copy(self.engine, self.eval_module)
+                # An engine whose sync tensors are not the module's says what to copy.
+                target = getattr(self.engine, "eval_target", None)
+                self.controller.averaged_copy(target() if target else self.engine,
+                                              self.eval_module)
                 model = self.eval_module
             totals = evaluate(model, self.eval_loader, self.device, self.dtype, self.layout)
         else:
@@ -450,8 +463,12 @@ class Trainer:
         }
         if "tokens" in progress:
             summary["throughput/tokens_per_s"] = progress["tokens"] / max(wall, 1e-9)
+        # A sharded engine gathers the whole model (every rank takes part).
+        full = getattr(self.engine, "full_state_dict", None)
+        model_state = full() if full is not None else None
         if info.is_main:
-            torch.save(self.engine.module.state_dict(), self.run_dir / "model.pt")
+            torch.save(model_state if model_state is not None
+                       else self.engine.module.state_dict(), self.run_dir / "model.pt")
             self.reporters.summary(summary)
             tqdm.write(self.meter.summary_line())
         return summary

@@ -13,6 +13,8 @@ from localsgd.sync.parts import PERIOD_RULES
 @PERIOD_RULES.register
 class Fixed(Part):
     name = "fixed"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
 
     @classmethod
     def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:

@@ -44,6 +44,8 @@ def qsr_period(alpha: float, lr: float, base: int) -> int:
 @PERIOD_RULES.register
 class QSR(Fixed):
     name = "qsr"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
     Config = QSRKeys
 
     def __init__(self, cfg: Any, lr_at: Callable[[int], float] | None = None) -> None:

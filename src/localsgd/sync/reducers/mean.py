@@ -21,6 +21,8 @@ from localsgd.sync.reducers.base import Reducer
 @REDUCERS.register
 class Mean(Reducer):
     name = "mean"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
     exact = True
     """The result is the mean of every worker of the group."""
 

@@ -15,6 +15,8 @@ from localsgd.sync.schedules.base import Schedule
 @RUNNERS.register
 class Blocking(Part):
     name = "blocking"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
 
     @classmethod
     def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:

@@ -22,6 +22,8 @@ class PeriodKeys:
 @dataclass(frozen=True)
 class Local(Schedule):
     name = "local"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
     Config = PeriodKeys
 
     @classmethod

@@ -13,6 +13,8 @@ from localsgd.sync.schedules.base import Schedule
 @dataclass(frozen=True)
 class MiniBatch(Schedule):
     name = "minibatch"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
 
     @classmethod
     def from_config(cls, cfg: Any, steps_per_epoch: int) -> Schedule:

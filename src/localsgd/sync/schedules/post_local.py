@@ -26,6 +26,8 @@ class PostLocalKeys(SwitchKeys, PeriodKeys):
 @dataclass(frozen=True)
 class PostLocal(Schedule):
     name = "post_local"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
     Config = PostLocalKeys
 
     @classmethod

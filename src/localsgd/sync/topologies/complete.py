@@ -22,6 +22,8 @@ from localsgd.sync.topologies.base import Topology
 @TOPOLOGIES.register
 class Complete(Topology):
     name = "complete"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
 
     @classmethod
     def provides(cls, cfg: Any, facts: Facts) -> frozenset[str]:
@@ -39,8 +41,9 @@ class Complete(Topology):
             return self.node_group, self.info.local_world_size
         if scope != GLOBAL:
             raise ValueError(f"topology complete has no scope {scope!r}")
-        return None, self.info.world_size
+        return self.everyone()
 
     def everyone(self) -> tuple[dist.ProcessGroup | None, int]:
-        """(group, size) over which the exact average of all workers is formed."""
-        return None, self.info.world_size
+        """(group, size) over which the exact average of all workers is formed: the world,
+        or across replica groups the ranks holding this rank's shard (``GroupInfo``)."""
+        return getattr(self.info, "world_group", None), self.info.world_size

@@ -13,6 +13,8 @@ from localsgd.sync.updates.base import Update
 @UPDATES.register
 class Copy(Update):
     name = "copy"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
 
     def __init__(self, cfg: Any) -> None:
         pass

@@ -59,6 +59,8 @@ class OuterKeys:
 @UPDATES.register
 class Outer(Update):
     name = "outer"
+    shards = True
+    """Runs across replica groups on each rank's own shard (``sync/sharding.py``)."""
     Config = OuterKeys
 
     @classmethod

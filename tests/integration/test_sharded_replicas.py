@@ -1,0 +1,134 @@
+"""Replica groups (``sync.replica_group``) on real torchrun + gloo workers: FSDP2 shards and
+DDP replicas inside a group, local / post-local / outer sync across the groups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, free_port, synthetic_args, torchrun, worker_env
+
+from localsgd.report.files import read_metrics
+
+WORKER = REPO / "tests/integration/sharded_equivalence_worker.py"
+
+
+def _check_worker(size: int, nproc: int, engines: str = "fsdp,ddp", cases: int = 3) -> None:
+    proc = torchrun([str(size), "8", engines], nproc=nproc, script=WORKER, timeout=600)
+    # Every rank, for each algorithm, for each engine (the worker exits 1 on a difference
+    # above round-off or a model that did not move). Ranks share stdout, so their lines
+    # may interleave: count the reports, not lines.
+    reports = f"{nproc // size}x{size}: max |engine - simulation|"
+    expected = nproc * cases * len(engines.split(","))
+    assert proc.stdout.count(reports) == expected, proc.stdout[-2000:]
+
+
+def test_two_groups_of_two_shards_equal_the_simulated_algorithm() -> None:
+    """K = 4 ranks as 2 groups x 2 shards (fsdp) and 2 groups x 2 replicas (ddp) both equal a
+    float64 simulation of 2 workers, each stepping on its group's union batch."""
+    _check_worker(2, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("size", "nproc"), [(4, 8), (2, 8)])
+def test_eight_ranks_as_groups_equal_the_simulated_algorithm(size: int, nproc: int) -> None:
+    _check_worker(size, nproc)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_inside_groups_equals_the_simulated_algorithm() -> None:
+    """ZeRO-1 and ZeRO-2 partitioned over each group (``deepspeed.initialize(mpu=...)``),
+    local and outer sync across groups on each rank's fp32 partitions."""
+    _check_worker(2, 4, "zero1,zero2", cases=2)
+
+
+def _summary(run: Path) -> dict[str, object]:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_run_equals_ddp_groups_and_saves_a_plain_model(tmp_path: Path) -> None:
+    """Through the trainer (averaged evaluation, final average, model.pt) with BatchNorm
+    (ResNet-20): fsdp and ddp groups give the same model and the same evaluation; model.pt
+    is a plain state dict that torch alone loads; each fsdp rank sends half the parameter
+    bytes of a sync (every weight has an even first dimension: the two shards are equal)."""
+    common = ["model.name=resnet20", "sync.replica_group=2", "sync.algorithm=local",
+              "sync.period=3", "sync.update=outer", "sync.outer.momentum=0.9",
+              "sync.outer.nesterov=true", "sync.outer.lr=0.7", "model.dtype=float64",
+              "train.epochs=2"]
+    runs = {e: tmp_path / e for e in ("fsdp", "ddp")}
+    for engine, run in runs.items():
+        torchrun(synthetic_args(run, f"engine.name={engine}", *common), nproc=4)
+    load = ("import sys, torch; sd = torch.load(sys.argv[1], weights_only=True); "
+            "assert all(type(v) is torch.Tensor for v in sd.values()); "
+            "assert 'localsgd' not in sys.modules; print(len(sd))")
+    out = subprocess.run([sys.executable, "-I", "-c", load, str(runs["fsdp"] / "model.pt")],
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    fsdp = torch.load(runs["fsdp"] / "model.pt", weights_only=True)
+    ddp = torch.load(runs["ddp"] / "model.pt", weights_only=True)
+    assert fsdp.keys() == ddp.keys() and int(out.stdout) == len(ddp) > 60
+    assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp) < 1e-10
+    sharded, whole = _summary(runs["fsdp"]), _summary(runs["ddp"])
+    # Half the parameters; the BatchNorm statistics (688 channels x mean and variance, not
+    # sharded) travel whole from every rank.
+    syncs = sum(1 for r in read_metrics(runs["ddp"]) if r["event"] == "sync")
+    buffers = syncs * 688 * 2 * 8
+    params = int(whole["comm/average/bytes"]) - buffers
+    assert int(sharded["comm/average/bytes"]) == params // 2 + buffers
+    # The evaluated average holds the mean of every rank's BatchNorm statistics either way.
+    assert sharded["eval/acc"] == pytest.approx(whole["eval/acc"])
+    assert sharded["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-9)
+    # The consensus distance of the whole model, from the shards' (root of their sum of
+    # squares over the group), equals the unsharded one at every sync.
+    distances = {e: [r["sync/consensus_distance"] for r in read_metrics(run)
+                     if r["event"] == "sync"] for e, run in runs.items()}
+    assert len(distances["fsdp"]) >= 5
+    assert distances["fsdp"] == pytest.approx(distances["ddp"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
+    """Through the trainer in float32: ZeRO-2 inside groups of 2 gives ddp groups' model,
+    sending half the cross-group averaging bytes (each rank its fp32 partition, padded)."""
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    common = ["sync.replica_group=2", "sync.algorithm=local", "sync.period=3",
+              "sync.update=outer", "sync.outer.momentum=0.9", "sync.outer.nesterov=true",
+              "sync.outer.lr=0.7", "train.epochs=2"]
+    runs = {"deepspeed": [f"engine.deepspeed_config={zero2}"], "ddp": []}
+    for engine, extra in runs.items():
+        torchrun(synthetic_args(tmp_path / engine, f"engine.name={engine}", *common, *extra),
+                 nproc=4)
+    ds = torch.load(tmp_path / "deepspeed" / "model.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)
+    assert max(float((ds[k] - ddp[k]).abs().max()) for k in ddp) < 1e-5
+    sharded, whole = _summary(tmp_path / "deepspeed"), _summary(tmp_path / "ddp")
+    # Half, up to the few elements DeepSpeed pads its flat partitions with for alignment.
+    half = int(whole["comm/average/bytes"]) / 2
+    assert half <= int(sharded["comm/average/bytes"]) <= 1.001 * half
+
+
+@pytest.mark.slow
+def test_fsdp_shards_resume_bitwise_after_a_killed_worker(tmp_path: Path) -> None:
+    """Each rank checkpoints its own shards (model, AdamW moments as DTensors, the outer
+    anchor and momentum); a SIGKILL mid-period restarts from step 10 and ends bitwise on
+    the uninterrupted run's model."""
+    from test_fault_tolerance import FAULT, elastic
+
+    common = ["engine.name=fsdp", "sync.replica_group=2", "sync.algorithm=local",
+              "sync.period=3", "sync.update=outer", "sync.outer.momentum=0.9",
+              "sync.outer.nesterov=true", "sync.outer.lr=0.7", "optim.name=adamw",
+              "optim.base_lr=0.001", "model.dtype=float64", "run.checkpoint_every_steps=5"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    torchrun(synthetic_args(clean, *common), nproc=4)
+    env = worker_env(FAULT_RANK="1", FAULT_STEP="12", FAULT_SIGNAL="KILL")
+    proc = torchrun(synthetic_args(killed, *common), nproc=4, script=FAULT, env=env,
+                    extra_launch=elastic(free_port()))
+    assert "resumed from step 10" in proc.stdout, proc.stdout[-2000:]
+    a = torch.load(clean / "model.pt", weights_only=True)
+    b = torch.load(killed / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
