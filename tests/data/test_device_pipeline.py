@@ -113,6 +113,7 @@ def test_device_pipeline_is_for_cifar_only() -> None:
         load_config(None, ["data.name=synthetic", "data.pipeline=device"])
 
 
+@pytest.mark.slow
 def test_training_with_either_pipeline_gives_the_same_model(tmp_path: Path,
                                                             cifar_root: Path) -> None:
     common = ["data.name=cifar10", f"data.root={cifar_root}", "data.download=false",

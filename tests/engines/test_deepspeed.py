@@ -94,6 +94,7 @@ def test_zero1_minibatch_matches_ddp(tmp_path: Path, ddp_minibatch: Path) -> Non
     assert ds["comm/grad/calls"] > ref["comm/grad/calls"] and ds["comm/average/calls"] == 0
 
 
+@pytest.mark.slow
 def test_local_sgd_accounting_equals_ddp(tmp_path: Path, ddp_local: Path) -> None:
     ds = train(tmp_path / "ds", *LOCAL, *deepspeed(FP32))
     ref = summary(ddp_local)
@@ -117,6 +118,7 @@ def test_bf16_local_sgd_averages_fp32_masters(tmp_path: Path, ddp_local: Path) -
     assert ds["eval/acc"] is not None
 
 
+@pytest.mark.slow
 def test_overlapped_averaging_on_bf16_masters(tmp_path: Path, ddp_local: Path) -> None:
     """tau=2 behind local steps on DeepSpeed: the fp32 masters travel, the counts match the
     blocking run plus the final exact average (models differ when training ends)."""
@@ -142,6 +144,7 @@ def test_mixed_precision_worker(tmp_path: Path) -> None:
     assert proc.stdout.count("worker ok") == 2
 
 
+@pytest.mark.slow
 def test_post_local_grad_accum_counts_optimizer_steps(tmp_path: Path) -> None:
     ref = train(tmp_path / "ddp", *POST_LOCAL)
     ds = train(tmp_path / "ds", *POST_LOCAL, *deepspeed(FP32))
@@ -188,6 +191,7 @@ def test_contradicting_micro_batch_exits_2(tmp_path: Path) -> None:
         "data.batch_size=16"])
 
 
+@pytest.mark.slow
 def test_outer_nesterov_with_inner_adamw_equals_ddp(tmp_path: Path) -> None:
     """The DiLoCo combination on both engines: the outer step runs on DeepSpeed's masters
     and Adam's moments are averaged with the parameters."""

@@ -84,7 +84,8 @@ def test_deepspeed_bf16_trains_the_paper_model_with_batchnorm(tmp_path: Path) ->
     assert summary(tmp_path / "ds")["comm/average/calls"] == 2 + 1  # + final buffers
 
 
-@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.slow), "fp16"])
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.slow),
+                                       pytest.param("fp16", marks=pytest.mark.slow)])
 def test_ddp_mixed_precision_local_sgd_resumes_bitwise(tmp_path: Path, precision: str) -> None:
     """Autocast on DDP with ResNet-20 under local SGD; the fp16 gradient scaler's state is
     in the checkpoint, so a stop and resume gives the same model."""

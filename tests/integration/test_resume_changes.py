@@ -13,6 +13,7 @@ from helpers import final_model, summary
 LOCAL = ["sync.algorithm=local", "sync.period=4", "run.checkpoint_every_epochs=1"]
 
 
+@pytest.mark.slow
 def test_compression_turned_on_mid_period_is_refused_with_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     torchrun(synthetic_args(run, *LOCAL, "train.max_steps=6"))

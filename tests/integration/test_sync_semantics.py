@@ -149,6 +149,7 @@ def test_evaluating_averaged_model_leaves_workers_untouched(tmp_path: Path) -> N
     assert steps == [5.0, 10.0, 15.0, 16.0]
 
 
+@pytest.mark.slow
 def test_hierarchical_two_nodes_two_workers(tmp_path: Path) -> None:
     """Two torchrun agents (--nnodes=2) on localhost, 2 workers each."""
     port = free_port()

@@ -64,6 +64,7 @@ def cut_and_resumed(tmp_path: Path, common: list[str],
     return summary(full), summary(cut)
 
 
+@pytest.mark.slow
 def test_resume_between_syncs_is_bitwise_exact(tmp_path: Path) -> None:
     common = ["sync.algorithm=local", "sync.period=5", "run.checkpoint_every_epochs=1",
               "train.epochs=3"]
@@ -74,7 +75,7 @@ def test_resume_between_syncs_is_bitwise_exact(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("algorithm", "ignored"), [
-    ("minibatch", ["sync.period", "sync.switch_epoch"]), ("local", ["sync.switch_epoch"])])
+    ("minibatch", ["sync.period", "sync.switch_epoch"]), pytest.param("local", ["sync.switch_epoch"], marks=pytest.mark.slow)])
 def test_paper_recipe_overridden_to_another_algorithm_runs(
         tmp_path: Path, cifar_root: Path, algorithm: str, ignored: list[str]) -> None:
     """Overrides compose: keys the new algorithm does not read are one warning each."""
@@ -114,6 +115,7 @@ def test_overlapped_resume_with_an_average_in_flight_is_bitwise_exact(
     assert 0 <= sa["comm/average/wait_s"] <= sa["comm/average/seconds"]
 
 
+@pytest.mark.slow
 def test_diloco_with_qsr_resumes_bitwise_and_logs_its_periods(tmp_path: Path) -> None:
     """Inner AdamW, outer Nesterov (DiLoCo), QSR periods under a cosine LR, momentum (Adam's
     moments) averaged: the anchor, outer momentum and period ends live in the checkpoint."""
