@@ -32,7 +32,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("kill_step", [9, 27], ids=["minibatch-phase", "between-syncs"])
+@pytest.mark.parametrize("kill_step", [
+    pytest.param(9, id="minibatch-phase", marks=pytest.mark.slow),
+    pytest.param(27, id="between-syncs")])
 def test_sigkilled_worker_restarts_and_resumes_bitwise(
         tmp_path: Path, uninterrupted: Path, kill_step: int) -> None:
     run = tmp_path / "killed"

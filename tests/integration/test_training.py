@@ -75,7 +75,8 @@ def test_resume_between_syncs_is_bitwise_exact(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("algorithm", "ignored"), [
-    ("minibatch", ["sync.period", "sync.switch_epoch"]), pytest.param("local", ["sync.switch_epoch"], marks=pytest.mark.slow)])
+    ("minibatch", ["sync.period", "sync.switch_epoch"]),
+    pytest.param("local", ["sync.switch_epoch"], marks=pytest.mark.slow)])
 def test_paper_recipe_overridden_to_another_algorithm_runs(
         tmp_path: Path, cifar_root: Path, algorithm: str, ignored: list[str]) -> None:
     """Overrides compose: keys the new algorithm does not read are one warning each."""

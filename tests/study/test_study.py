@@ -69,7 +69,9 @@ def test_bad_study_exits_2_before_running_anything(tmp_path: Path) -> None:
 
 def test_a_study_runs_records_failures_skips_and_resumes(tmp_path: Path) -> None:
     path = write(tmp_path, (
-        "overrides: [run.checkpoint_every_epochs=1]\n"
+        # One worker and one short epoch: the test is about the study's bookkeeping.
+        "launch: [--standalone, --nproc-per-node=1]\n"
+        "overrides: [run.checkpoint_every_epochs=1, train.epochs=1, data.synthetic_samples=64]\n"
         "variants:\n"
         "  local: [sync.algorithm=local, sync.period=4]\n"
         "  broken: [data.name=cifar10, data.root=/nonexistent, data.download=false]\n"
