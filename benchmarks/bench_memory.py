@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from launching import torchrun_json, write_result
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,12 +34,6 @@ def _rss_mib() -> float:
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(variant: str, params: int, bucket_mb: float) -> None:
@@ -92,26 +84,16 @@ def main() -> int:
         return 0
     rows = []
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-               "--master-addr=127.0.0.1", f"--master-port={_free_port()}", __file__,
-               "--variant", variant,
-               "--params", str(args.params), "--bucket-mb", str(args.bucket_mb)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        rows.append(json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0]))
+        rows.append(torchrun_json(__file__, 2, ["--variant", variant, "--params",
+                                                str(args.params), "--bucket-mb",
+                                                str(args.bucket_mb)], {}))
     print(f"{'variant':<10} {'params':>12} {'model MiB':>10} {'extra peak MiB':>15} "
           f"{'x model':>8} {'seconds':>8}")
     for r in rows:
         print(f"{r['variant']:<10} {r['params']:>12,} {r['model_mib']:>10.0f} "
               f"{r['extra_peak_mib']:>15.0f} {r['extra_peak_mib'] / r['model_mib']:>8.3f} "
               f"{r['seconds']:>8.2f}")
-    result = {"command": " ".join(sys.argv), "bucket_mb": args.bucket_mb, "rows": rows,
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "torch": torch.__version__,
-                          "date": time.strftime("%Y-%m-%d")}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, {"bucket_mb": args.bucket_mb, "rows": rows})
     return 0
 
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from launching import torchrun_json, write_result
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,12 +32,6 @@ LAYOUTS = (("ddp", 1), ("fsdp", 1), ("fsdp", 2), ("fsdp", 4))
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Timer:
@@ -117,26 +109,16 @@ def main() -> int:
     if args.worker:
         worker(args.hidden)
         return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", __file__, "--worker",
-           "--hidden", str(args.hidden)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"),
-                                                       os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    rows = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("[")][0])
+    rows = torchrun_json(__file__, args.nproc, ["--worker", "--hidden", str(args.hidden)], {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"),
+                                                    os.environ.get("PYTHONPATH")]))})
     keys = ["params_bytes", "grads_bytes", "optimizer_bytes", "anchor_bytes",
             "outer_momentum_bytes", "sync_bytes_per_global_sync"]
     print(f"{'layout':<10}" + "".join(f"{k.removesuffix('_bytes'):>28}" for k in keys))
     for r in rows:
         print(f"{r['engine']} S={r['replica_group']:<4}" + "".join(
             f"{r[k]:>28,}" for k in keys))
-    result = {"command": " ".join(sys.argv), "nproc": args.nproc, "rows": rows,
-              "machine": {"cores": os.cpu_count(), "torch": torch.__version__,
-                          "date": time.strftime("%Y-%m-%d")}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, {"nproc": args.nproc, "rows": rows})
     return 0
 
 
