@@ -20,21 +20,13 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_refused
-from threads import Worker, run_workers, scaled_sign
+from threads import Worker, ring_mixing, run_workers, scaled_sign
 
 from localsgd.config import ConfigError
 from localsgd.recipe import load_config
 from localsgd.sync.config import SyncConfig
 from localsgd.sync.reducers.choco import ChocoOptions
 from localsgd.sync.reducers.compressed import CompressionKeys
-
-
-def ring(k: int) -> np.ndarray:
-    w = np.zeros((k, k))
-    for i in range(k):
-        for d in (-1, 0, 1):
-            w[i, (i + d) % k] += 1 / 3
-    return w
 
 
 def top_k(m: np.ndarray, k: int) -> np.ndarray:
@@ -59,7 +51,7 @@ def choco(method: str, gamma: float, period: int = 1, **kw: object) -> SyncConfi
 
 class Replay:
     def __init__(self, k: int, method: str, gamma: float) -> None:
-        self.w, self.c, self.gamma = ring(k), CODECS[method], gamma
+        self.w, self.c, self.gamma = ring_mixing(k), CODECS[method], gamma
         self.hat = np.zeros((k, 66))
 
     def sync(self, x: np.ndarray) -> np.ndarray:
@@ -95,7 +87,7 @@ def test_choco_follows_the_replay(k: int, method: str, gamma: float, period: int
         expected = replay.sync(before)
         np.testing.assert_allclose(after, expected, rtol=1e-9, atol=1e-12)
         if method == "none" and gamma == 1.0:
-            np.testing.assert_allclose(after, ring(k) @ before, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(after, ring_mixing(k) @ before, rtol=0, atol=1e-12)
     # Point to point only, one payload per neighbour and sync.
     assert sum(world.everyone.calls.values()) == 0
     assert world.mailbox.sent[0] == 2 * syncs

@@ -16,20 +16,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_refused
-from threads import Worker, run_workers
+from threads import Worker, ring_mixing, run_workers
 
 from localsgd.config import ConfigError
 from localsgd.recipe import load_config, validate_launch
 from localsgd.sync.config import SyncConfig
 from localsgd.sync.topologies import graphs
-
-
-def ring_reference(k: int) -> np.ndarray:
-    w = np.zeros((k, k))
-    for i in range(k):
-        for d in (-1, 0, 1):
-            w[i, (i + d) % k] += 1 / 3
-    return w
 
 
 def torus_reference(rows: int, cols: int) -> np.ndarray:
@@ -51,7 +43,7 @@ def expander_reference(p: int) -> np.ndarray:
     return w
 
 
-REFERENCE = {"ring": lambda k: ring_reference(k),
+REFERENCE = {"ring": ring_mixing,
              "torus": lambda k: torus_reference(*graphs.torus_sides(k)),  # type: ignore[misc]
              "expander": lambda k: expander_reference(k)}
 
@@ -114,7 +106,7 @@ def test_each_gossip_step_is_the_mixing_matrix_applied_to_the_stacked_models(
 
 def test_local_gossip_mixes_every_period_and_trains_in_between() -> None:
     k, period = 4, 3
-    w_ref = ring_reference(k)
+    w_ref = ring_mixing(k)
     workers, _ = run_workers(gossip("ring", algorithm="local", period=period), steps=9,
                              world=k, local_world=1)
     for t in range(9):
@@ -174,7 +166,7 @@ def test_measured_distance_every_n_syncs_and_exact_final_consensus() -> None:
 
 def test_overlapped_gossip_adds_the_mix_of_the_snapshot_tau_steps_later() -> None:
     k, period, tau = 4, 4, 2
-    w_ref = ring_reference(k)
+    w_ref = ring_mixing(k)
     workers, _ = run_workers(gossip("ring", algorithm="local", period=period,
                                     overlap_steps=tau), steps=10, world=k, local_world=1)
     for t in range(10):

@@ -21,20 +21,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_refused
-from threads import FakeTarget, Worker, run_workers
+from threads import FakeTarget, Worker, ring_mixing, run_workers
 
 from localsgd.config import ConfigError
 from localsgd.recipe import load_config
 from localsgd.sync.config import SyncConfig
 from localsgd.sync.updates.outer import OuterOptimizerKeys
-
-
-def ring(k: int) -> np.ndarray:
-    w = np.zeros((k, k))
-    for i in range(k):
-        for d in (-1, 0, 1):
-            w[i, (i + d) % k] += 1 / 3
-    return w
 
 
 def lr_at(step: int) -> float:
@@ -61,7 +53,7 @@ class Replay:
     """Gossip rounds and exact rounds with SlowMo's outer step, in numpy."""
 
     def __init__(self, k: int, update: str, every: int) -> None:
-        self.w = ring(k)
+        self.w = ring_mixing(k)
         self.every = every
         self.outer = OUTERS[update]
         self.anchor = FakeTarget(0).flat().numpy().copy()

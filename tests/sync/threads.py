@@ -210,6 +210,15 @@ SEGMENTS = [(0, 40), (40, 61), (61, 66)]
 """Flat offsets of FakeTarget's default parameters, shapes (40,), (7, 3) and (5,)."""
 
 
+def ring_mixing(k: int) -> np.ndarray:
+    """numpy's mixing matrix of a ring of k workers: 1/3 for itself and each neighbour."""
+    w = np.zeros((k, k))
+    for i in range(k):
+        for d in (-1, 0, 1):
+            w[i, (i + d) % k] += 1 / 3
+    return w
+
+
 def scaled_sign(m: np.ndarray) -> np.ndarray:
     """numpy's scaled sign of a flat FakeTarget model: mean |m| x sign(m) per parameter."""
     out = np.empty_like(m)
