@@ -1,5 +1,7 @@
 """A study's comparison: one row per variant (mean and spread over its seeds), as
-``study.csv`` and ``study.md``, and frontier plots of accuracy against bytes and time."""
+``study.csv`` and ``study.md``, and frontier plots of the headline metric against bytes and
+time: test accuracy, or validation bits per byte where every run reports them (language
+models, where next-byte accuracy says little)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from localsgd.study.folders import POINT_FILE, mismatch
 from localsgd.study.spec import Study
 
 COLUMNS = ("variant", "runs", "failed", "final_acc_mean", "final_acc_std", "best_acc_mean",
-           "best_acc_std", "mib_per_worker_mean", "wall_s_mean", "wall_s_std",
+           "best_acc_std", "final_loss_mean", "final_loss_std", "final_bpb_mean",
+           "final_bpb_std", "mib_per_worker_mean", "wall_s_mean", "wall_s_std",
            "time_to_target_s_mean", "reached_target")
 
 
@@ -60,12 +63,16 @@ def variant_rows(records: list[dict[str, Any]],
         got = runs.get(v, [])
         acc = _mean_std([s["eval/acc"] for s in got if s.get("eval/acc") is not None])
         best = _mean_std([s["eval/best_acc"] for s in got])
+        loss = _mean_std([s["eval/loss"] for s in got if s.get("eval/loss") is not None])
+        bpb = _mean_std([s["eval/bpb"] for s in got if s.get("eval/bpb") is not None])
         wall = _mean_std([s["time/wall_s"] for s in got])
         reached = [s["time/to_target_s"] for s in got if s.get("time/to_target_s") is not None]
         rows.append({
             "variant": v, "runs": len(got), "failed": failed.get(v, 0),
             "final_acc_mean": acc[0], "final_acc_std": acc[1],
             "best_acc_mean": best[0], "best_acc_std": best[1],
+            "final_loss_mean": loss[0], "final_loss_std": loss[1],
+            "final_bpb_mean": bpb[0], "final_bpb_std": bpb[1],
             "mib_per_worker_mean": _mean_std([s["comm/bytes"] / 2**20 for s in got])[0],
             "wall_s_mean": wall[0], "wall_s_std": wall[1],
             "time_to_target_s_mean": _mean_std(reached)[0],
@@ -79,15 +86,27 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _bpb(rows: list[dict[str, Any]]) -> bool:
+    """Whether the rows are a language model's: every row with runs reports bits per byte."""
+    ran = [r for r in rows if r["runs"]]
+    return bool(ran) and all(r["final_bpb_mean"] is not None for r in ran)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | runs | final acc | best acc | MiB sent / worker | wall s | "
-             "time to target s (reached) |", "|---|---|---|---|---|---|---|"]
+    bpb = _bpb(rows)
+    lines = ["| variant | runs | final acc | best acc | final eval loss | "
+             + ("final eval bits/byte | " if bpb else "")
+             + "MiB sent / worker | wall s | time to target s (reached) |",
+             "|---|---|---|---|---|" + ("---|" if bpb else "") + "---|---|---|"]
     for r in rows:
         runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
         lines.append(
             f"| {r['variant']} | {runs} | {_fmt(r['final_acc_mean'])} +- "
             f"{_fmt(r['final_acc_std'])} | {_fmt(r['best_acc_mean'])} +- "
-            f"{_fmt(r['best_acc_std'])} | {_fmt(r['mib_per_worker_mean'], 1)} | "
+            f"{_fmt(r['best_acc_std'])} | {_fmt(r['final_loss_mean'])} +- "
+            f"{_fmt(r['final_loss_std'])} | "
+            + (f"{_fmt(r['final_bpb_mean'])} +- {_fmt(r['final_bpb_std'])} | " if bpb else "")
+            + f"{_fmt(r['mib_per_worker_mean'], 1)} | "
             f"{_fmt(r['wall_s_mean'], 1)} +- {_fmt(r['wall_s_std'], 1)} | "
             f"{_fmt(r['time_to_target_s_mean'], 1)} ({r['reached_target']}) |")
     return "\n".join(lines) + "\n"
@@ -101,13 +120,15 @@ def _frontier(rows: list[dict[str, Any]], x: str, xerr: str | None, xlabel: str,
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    plotted = [r for r in rows if r["final_acc_mean"] is not None and r[x] is not None]
+    y = "final_bpb" if _bpb(rows) else "final_acc"
+    plotted = [r for r in rows if r[f"{y}_mean"] is not None and r[x] is not None]
     for r in plotted:
-        ax.errorbar(r[x], r["final_acc_mean"], yerr=r["final_acc_std"],
+        ax.errorbar(r[x], r[f"{y}_mean"], yerr=r[f"{y}_std"],
                     xerr=r[xerr] if xerr else None, fmt="o", capsize=3, label=r["variant"])
     ax.set_title(title)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("final test accuracy (mean +- std over seeds)")
+    ax.set_ylabel(("final validation bits per byte" if y == "final_bpb" else
+                   "final test accuracy") + " (mean +- std over seeds)")
     ax.grid(True, alpha=0.3)
     if plotted:  # every point failed: an empty plot, without legend
         ax.legend(fontsize="small")
@@ -130,8 +151,9 @@ def write_results(study: Study, records: list[dict[str, Any]]) -> list[Path]:
         import matplotlib  # noqa: F401
     except ImportError:
         return written
+    metric = "bits per byte" if _bpb(rows) else "accuracy"
     _frontier(rows, "mib_per_worker_mean", None, "data sent per worker (MiB)",
-              f"{study.name}: accuracy vs communication", out / "frontier_bytes.png")
+              f"{study.name}: {metric} vs communication", out / "frontier_bytes.png")
     _frontier(rows, "wall_s_mean", "wall_s_std", "wall-clock training time (s)",
-              f"{study.name}: accuracy vs time", out / "frontier_time.png")
+              f"{study.name}: {metric} vs time", out / "frontier_time.png")
     return [*written, out / "frontier_bytes.png", out / "frontier_time.png"]
