@@ -22,7 +22,7 @@ from localsgd.sync.accounting import CommMeter
 from localsgd.sync.anchor import Anchor
 from localsgd.sync.averager import Averager, InFlight
 from localsgd.sync.buckets import Bucketer, flat_view
-from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy, StateDevice
+from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy, state_on_cpu
 from localsgd.sync.reducers.base import DELTA, Reducer
 from localsgd.sync.resume import ResumeCheck, changed_keys, check_parts, record
 from localsgd.sync.schedules.base import GLOBAL, LOCAL, MINIBATCH, Schedule
@@ -204,8 +204,7 @@ class SyncController:
         self.anchor: Anchor | None = None
         """The model of the last global sync, kept only when a chosen part uses it."""
         if self.reducer.uses_anchor or self.update.uses_anchor:
-            self.anchor = Anchor(self.update.anchor_on_cpu
-                                 or StateDevice(cfg.state_device) == StateDevice.cpu)
+            self.anchor = Anchor(self.update.anchor_on_cpu or state_on_cpu(cfg.state_device))
             self.reducer.bind(self.anchor)
             self.update.bind(self.anchor)
         self.averager = Averager(meter, Bucketer(cfg.bucket_mb), self.reducer, self.anchor)

@@ -35,6 +35,11 @@ class StateDevice(str, Enum):
     cpu = "cpu"
 
 
+def state_on_cpu(*devices: str) -> bool:
+    """Whether any of the ``state_device`` settings given asks for host memory."""
+    return StateDevice.cpu in map(StateDevice, devices)
+
+
 SCHEDULES: Registry[type] = Registry("sync.algorithm", "localsgd.sync.schedules")
 TOPOLOGIES: Registry[type] = Registry("sync.topology", "localsgd.sync.topologies")
 REDUCERS: Registry[type] = Registry("sync.reducer", "localsgd.sync.reducers")

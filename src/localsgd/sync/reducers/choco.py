@@ -40,7 +40,7 @@ from localsgd.config.domains import Range, domain
 from localsgd.registry import Facts
 from localsgd.sync.anchor import on_host
 from localsgd.sync.capabilities import MODEL_AVERAGES, NEIGHBOURS
-from localsgd.sync.parts import REDUCERS, StateDevice
+from localsgd.sync.parts import REDUCERS, state_on_cpu
 from localsgd.sync.reducers.base import Reducer
 from localsgd.sync.reducers.compressed import (
     CompressionKeys,
@@ -106,7 +106,7 @@ class Choco(Reducer):
         """Slice key -> (x_hat, s), flat."""
         self.syncs = 0
         """Buckets sent so far: random codecs draw from it."""
-        self.on_cpu = StateDevice(cfg.state_device) == StateDevice.cpu
+        self.on_cpu = state_on_cpu(cfg.state_device)
 
     def kind(self, requested: str) -> str:
         return "gossip" if requested == "average" else requested

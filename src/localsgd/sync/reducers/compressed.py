@@ -47,7 +47,7 @@ from localsgd.sync.capabilities import ALL_WORKERS, CONSENSUS
 from localsgd.sync.codecs.base import CODECS, MAX_NUMEL, Codec, Payload
 from localsgd.sync.codecs.feedback import ErrorFeedback
 from localsgd.sync.codecs.quantize import MAX_BITS, Quantized
-from localsgd.sync.parts import REDUCERS, StateDevice
+from localsgd.sync.parts import REDUCERS, state_on_cpu
 from localsgd.sync.reducers.base import DELTA, Reducer
 
 
@@ -204,7 +204,7 @@ class Compressed(Reducer):
         self.anchor: Anchor | None = None
         """The sync's anchor (bound by the controller): saved with this part's state."""
         self.sync_point_views = not self.keys.exact_average
-        self.on_cpu = StateDevice(cfg.state_device) == StateDevice.cpu
+        self.on_cpu = state_on_cpu(cfg.state_device)
         """Whether the residuals live in host memory between syncs (sync.state_device)."""
 
     def bind(self, anchor: Anchor | None) -> None:

@@ -30,7 +30,7 @@ from localsgd.config.domains import FRACTION, POSITIVE, domain
 from localsgd.registry import Facts, need
 from localsgd.sync.anchor import Anchor, on_host
 from localsgd.sync.capabilities import CONSENSUS, MODEL_AVERAGES
-from localsgd.sync.parts import UPDATES, StateDevice
+from localsgd.sync.parts import UPDATES, StateDevice, state_on_cpu
 from localsgd.sync.updates.base import Update
 
 
@@ -81,8 +81,7 @@ class Outer(Update):
         o = cfg.outer
         self.lr, self.beta, self.nesterov = float(o.lr), float(o.momentum), bool(o.nesterov)
         self.scaled = bool(o.scale_by_inner_lr)
-        self.on_cpu = StateDevice.cpu in (StateDevice(o.state_device),
-                                          StateDevice(cfg.state_device))
+        self.on_cpu = state_on_cpu(o.state_device, cfg.state_device)
         self.anchor_on_cpu = self.on_cpu
         self.anchor: Anchor = Anchor(self.on_cpu)
         """The sync's anchor, bound by the controller; saved with this part's state."""
