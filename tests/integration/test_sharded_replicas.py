@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,33 +18,68 @@ from localsgd.report.files import read_metrics
 WORKER = REPO / "tests/integration/sharded_equivalence_worker.py"
 
 
-def _check_worker(size: int, nproc: int, engines: str = "fsdp,ddp", cases: int = 3) -> None:
-    proc = torchrun([str(size), "8", engines], nproc=nproc, script=WORKER, timeout=600)
+BASE = ("local", "post_local", "outer")
+SHARD_CASES = ("overlap", "bf16_outer", "ef_sign", "chunk_topk_4bit", "ring", "choco")
+"""Overlapped, compressed and gossip syncs across groups (the worker's ``CASES``)."""
+
+
+def _check_worker(size: int, nproc: int, engines: str = "fsdp,ddp",
+                  cases: tuple[str, ...] = BASE, nnodes: int = 1) -> None:
+    args = [str(size), "8", engines, ",".join(cases)]
+    port = free_port()
+    # One agent per node, sharing a static rendezvous endpoint, each in a thread.
+    with ThreadPoolExecutor(nnodes) as pool:
+        procs = list(pool.map(lambda n: torchrun(
+            args, nproc=nproc, nnodes=nnodes, node_rank=n, port=port, script=WORKER,
+            timeout=600), range(nnodes)))
+    stdout = "".join(p.stdout for p in procs)
     # Every rank, for each algorithm, for each engine (the worker exits 1 on a difference
-    # above round-off or a model that did not move). Ranks share stdout, so their lines
-    # may interleave: count the reports, not lines.
+    # above round-off, a model that did not move, or residuals of the wrong size). Ranks
+    # share stdout, so their lines may interleave: count the reports, not lines.
+    nproc *= nnodes
     reports = f"{nproc // size}x{size}: max |engine - simulation|"
-    expected = nproc * cases * len(engines.split(","))
-    assert proc.stdout.count(reports) == expected, proc.stdout[-2000:]
+    runs = sum(1 for engine in engines.split(",") for case in cases
+               if not engine.startswith("zero") or case in ("local", "outer", "overlap"))
+    assert stdout.count(reports) == nproc * runs, stdout[-2000:]
 
 
 def test_two_groups_of_two_shards_equal_the_simulated_algorithm() -> None:
     """K = 4 ranks as 2 groups x 2 shards (fsdp) and 2 groups x 2 replicas (ddp) both equal a
-    float64 simulation of 2 workers, each stepping on its group's union batch."""
-    _check_worker(2, 4)
+    float64 simulation of 2 workers, each stepping on its group's union batch: local,
+    post-local, outer, an overlapped average of shards, and chunked top-k with 4-bit values
+    and error feedback, which compresses each rank's shards (the simulation compresses each
+    dim-0 shard of a tensor on its own, which differs from whole tensors) and keeps
+    residuals for those only (half the ddp rank's bytes); ring gossip between the groups,
+    each rank's neighbour the rank holding its shard in the other group."""
+    _check_worker(2, 4, cases=(*BASE, "overlap", "chunk_topk_4bit", "ring"))
+
+
+@pytest.mark.slow
+def test_codecs_across_groups_per_shard_or_elementwise() -> None:
+    """bf16 works element by element: the sharded run equals the unsharded ddp groups;
+    ef_sign's scale is per shard (equal to the per-shard simulation)."""
+    _check_worker(2, 4, cases=("bf16_outer", "ef_sign"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("size", "nproc"), [(4, 8), (2, 8)])
 def test_eight_ranks_as_groups_equal_the_simulated_algorithm(size: int, nproc: int) -> None:
-    _check_worker(size, nproc)
+    _check_worker(size, nproc, cases=BASE + SHARD_CASES)
+
+
+@pytest.mark.slow
+def test_hierarchical_and_gossip_between_groups_on_two_nodes() -> None:
+    """2 nodes x 4 ranks as 4 groups of 2 shards, 2 groups per node: hierarchical SGD
+    averages each shard over the node's ranks holding it, then across nodes; ring gossip
+    and CHOCO mix each shard with the ranks holding it in the neighbouring groups."""
+    _check_worker(2, 4, cases=("hierarchical", "ring", "choco"), nnodes=2)
 
 
 @pytest.mark.slow
 def test_deepspeed_zero_inside_groups_equals_the_simulated_algorithm() -> None:
     """ZeRO-1 and ZeRO-2 partitioned over each group (``deepspeed.initialize(mpu=...)``),
-    local and outer sync across groups on each rank's fp32 partitions."""
-    _check_worker(2, 4, "zero1,zero2", cases=2)
+    local, outer and overlapped sync across groups on each rank's fp32 partitions."""
+    _check_worker(2, 4, "zero1,zero2", cases=("local", "outer", "overlap"))
 
 
 def _summary(run: Path) -> dict[str, object]:
