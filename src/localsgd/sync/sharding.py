@@ -4,8 +4,11 @@ With ``sync.replica_group`` > 1, or an engine that shards the model over its gro
 (``engine.name=fsdp``), a rank holds one shard of its group's model and averages it with the
 ranks holding the same shard in the other groups. A part runs there when it declares
 ``shards = True``: it touches only the tensors the engine hands it, over the process group
-its topology names. The others (graph gossip, compression, overlapped syncs, hierarchical
-node averages) are refused, one line each, saying what to set instead.
+(or the neighbours) its topology names. Every registered part does: codecs then compress
+each rank's shard of a tensor as that tensor (statistics and residuals per shard), gossip
+mixes a shard with the ranks holding it in the neighbouring groups, and hierarchical node
+averages run over a node's ranks of one shard. A part that does not declare it is refused,
+one line, saying which would run instead.
 """
 
 from __future__ import annotations
