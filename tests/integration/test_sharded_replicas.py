@@ -149,16 +149,26 @@ def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_shards_resume_bitwise_after_a_killed_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [
+    [],
+    # The sync of step 10 is still in flight when step 10's checkpoint is written.
+    ["sync.period=5", "sync.overlap_steps=1"],
+    # Error-feedback residuals of each rank's shards.
+    ["sync.compression.method=ef_sign"],
+], ids=["outer", "overlap_in_flight", "ef_sign"])
+def test_fsdp_shards_resume_bitwise_after_a_killed_worker(tmp_path: Path,
+                                                          extra: list[str]) -> None:
     """Each rank checkpoints its own shards (model, AdamW moments as DTensors, the outer
-    anchor and momentum); a SIGKILL mid-period restarts from step 10 and ends bitwise on
-    the uninterrupted run's model."""
+    anchor and momentum, an average of shards in flight, error-feedback residuals); a
+    SIGKILL mid-period restarts from step 10 and ends bitwise on the uninterrupted run's
+    model."""
     from test_fault_tolerance import FAULT, elastic
 
     common = ["engine.name=fsdp", "sync.replica_group=2", "sync.algorithm=local",
               "sync.period=3", "sync.update=outer", "sync.outer.momentum=0.9",
               "sync.outer.nesterov=true", "sync.outer.lr=0.7", "optim.name=adamw",
-              "optim.base_lr=0.001", "model.dtype=float64", "run.checkpoint_every_steps=5"]
+              "optim.base_lr=0.001", "model.dtype=float64", "run.checkpoint_every_steps=5",
+              *extra]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     torchrun(synthetic_args(clean, *common), nproc=4)
     env = worker_env(FAULT_RANK="1", FAULT_STEP="12", FAULT_SIGNAL="KILL")
