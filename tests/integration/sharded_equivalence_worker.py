@@ -335,6 +335,14 @@ def main() -> int:
             apart = _worst(sharded, whole)
             ok &= apart > 1e-6
             print(f"rank {info.rank} {name}: per shard - per tensor = {apart:.3e}", flush=True)
+        if name == "hierarchical":
+            # Node averages over no other group, or over every group, must both differ.
+            for other in (1, info.world_size // size):
+                apart = _worst(whole, simulated(overrides, size, steps, info.world_size,
+                                                other))
+                ok &= apart > 1e-6
+                print(f"rank {info.rank} {name}: {per_node} groups a node - {other} = "
+                      f"{apart:.3e}", flush=True)
         for engine in engines:
             if engine.startswith("zero") and name not in DEEPSPEED_CASES:
                 continue
