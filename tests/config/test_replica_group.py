@@ -60,6 +60,13 @@ def test_groups_that_run_are_valid(overrides: list[str], tmp_path: Path,
     (["sync.replica_group=2", "engine.name=fsdp", "sync.algorithm=local",
       "sync.topology=torus", "--nproc-per-node=4", "--nnodes=2"], "sync.topology: torus:",
      "a product of two sides >= 3"),
+    # Mini-batch gradients across groups travel exact: compressing only the deltas would
+    # quietly change what the recipe asks for.
+    (["engine.name=fsdp", "sync.algorithm=post_local", "sync.switch_step=4",
+      "sync.compression.method=ef_sign"], "sync.compression.method=ef_sign with "
+     "engine.name=fsdp:", "use sync.algorithm=local"),
+    (["sync.replica_group=2", "sync.algorithm=minibatch", "sync.compression.method=sign"],
+     "sync.compression.method=sign with sync.replica_group=2:", "mini-batch steps across"),
     (["engine.name=deepspeed", "engine.deepspeed_config={zero3}", "sync.algorithm=local",
       "sync.replica_group=node"], "engine.deepspeed_config:", "zero_optimization.stage=3"),
     (["engine.name=deepspeed", "engine.deepspeed_config={zero1}", "sync.algorithm=local",

@@ -127,6 +127,24 @@ def test_fsdp_run_equals_ddp_groups_and_saves_a_plain_model(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_compressed_fsdp_run_equals_compressed_ddp_groups(tmp_path: Path) -> None:
+    """Through the trainer in float64 with an elementwise codec (bf16 pseudo-gradients):
+    fsdp groups compress their shards and ddp groups whole tensors, to the same model.pt,
+    each fsdp rank sending half the compressed bytes."""
+    common = ["sync.replica_group=2", "sync.algorithm=local", "sync.period=3",
+              "sync.compression.method=bf16", "model.dtype=float64", "train.epochs=1"]
+    runs = {e: tmp_path / e for e in ("fsdp", "ddp")}
+    for engine, run in runs.items():
+        torchrun(synthetic_args(run, f"engine.name={engine}", *common), nproc=4)
+    fsdp = torch.load(runs["fsdp"] / "model.pt", weights_only=True)
+    ddp = torch.load(runs["ddp"] / "model.pt", weights_only=True)
+    assert fsdp.keys() == ddp.keys()
+    assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp) < 1e-10
+    sharded, whole = _summary(runs["fsdp"]), _summary(runs["ddp"])
+    assert 2 * int(sharded["comm/average/bytes"]) == int(whole["comm/average/bytes"]) > 0
+
+
+@pytest.mark.slow
 def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
     """Through the trainer in float32: ZeRO-2 inside groups of 2 gives ddp groups' model,
     sending half the cross-group averaging bytes (each rank its fp32 partition, padded)."""

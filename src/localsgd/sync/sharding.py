@@ -39,6 +39,16 @@ def grouped(value: str, facts: Facts) -> bool:
     return (size is None and value == NODE) or (size or 1) > 1
 
 
+def minibatch_steps(cfg: Any) -> bool:
+    """Whether the schedule of the ``sync`` section ``cfg`` takes mini-batch steps: always
+    (minibatch), or before a switch point after step 0 (post_local, hierarchical)."""
+    if str(cfg.algorithm) == "minibatch":
+        return True
+    switch = [getattr(cfg, key, None) for key in ("switch_step", "switch_epoch")]
+    return str(cfg.algorithm) in ("post_local", "hierarchical") and any(
+        s is not None and s > 0 for s in switch)
+
+
 def replica_problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
                      selectors: dict[str, Registry[Any]], name_of: Any) -> list[str]:
     """The launch rule of ``sync.replica_group`` and one line per chosen part that cannot
@@ -50,6 +60,13 @@ def replica_problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
         return out
     who = (f"engine.name={facts.engine}" if sharded else f"sync.replica_group={value}")
     back = ("sync.replica_group=1 and engine.name=ddp" if sharded else "sync.replica_group=1")
+    method = str(getattr(getattr(cfg, "compression", None), "method", "none"))
+    if method != "none" and minibatch_steps(cfg):
+        out.append(f"sync.compression.method={method} with {who}: mini-batch steps across "
+                   f"replica groups reduce gradients exactly (only model deltas are "
+                   f"compressed there yet), so sync.algorithm={cfg.algorithm} would not "
+                   "compress its gradients; use sync.algorithm=local (or no mini-batch "
+                   f"phase), or {back}")
     for key, part in chosen.items():
         if getattr(part, "shards", False):
             continue
