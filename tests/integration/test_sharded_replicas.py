@@ -145,6 +145,26 @@ def test_compressed_fsdp_run_equals_compressed_ddp_groups(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("reducer", ["gossip", "choco"])
+def test_gossip_fsdp_run_equals_ddp_groups(tmp_path: Path, reducer: str) -> None:
+    """Through the trainer in float64: ring gossip (and CHOCO) between groups, with the
+    averaged evaluation and the final exact average over each shard's column, gives ddp
+    groups' model.pt; each fsdp rank sends half the gossip bytes."""
+    common = ["sync.replica_group=2", "sync.algorithm=local", "sync.period=3",
+              "sync.topology=ring", f"sync.reducer={reducer}", "model.dtype=float64",
+              "train.epochs=1"]
+    runs = {e: tmp_path / e for e in ("fsdp", "ddp")}
+    for engine, run in runs.items():
+        torchrun(synthetic_args(run, f"engine.name={engine}", *common), nproc=4)
+    fsdp = torch.load(runs["fsdp"] / "model.pt", weights_only=True)
+    ddp = torch.load(runs["ddp"] / "model.pt", weights_only=True)
+    assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in ddp) < 1e-10
+    sharded, whole = _summary(runs["fsdp"]), _summary(runs["ddp"])
+    assert sharded["eval/loss"] == pytest.approx(whole["eval/loss"], rel=1e-9)
+    assert 2 * int(sharded["comm/gossip/bytes"]) == int(whole["comm/gossip/bytes"]) > 0
+
+
+@pytest.mark.slow
 def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
     """Through the trainer in float32: ZeRO-2 inside groups of 2 gives ddp groups' model,
     sending half the cross-group averaging bytes (each rank its fp32 partition, padded)."""
