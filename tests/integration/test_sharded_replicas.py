@@ -165,6 +165,27 @@ def test_gossip_fsdp_run_equals_ddp_groups(tmp_path: Path, reducer: str) -> None
 
 
 @pytest.mark.slow
+def test_hierarchical_fsdp_run_on_two_nodes_equals_ddp_groups(tmp_path: Path) -> None:
+    """Two torchrun agents of 4 ranks, groups of 2 (two per node): hierarchical SGD through
+    the trainer gives ddp groups' model.pt; each fsdp rank sends half the averaging bytes
+    (node and global averages alike)."""
+    common = ["sync.replica_group=2", "sync.algorithm=hierarchical", "sync.period=2",
+              "sync.block_period=2", "model.dtype=float64", "train.epochs=1"]
+    runs = {e: tmp_path / e for e in ("fsdp", "ddp")}
+    for engine, run in runs.items():
+        port = free_port()
+        args = synthetic_args(run, f"engine.name={engine}", *common)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda n, a=args, p=port: torchrun(
+                a, nproc=4, nnodes=2, node_rank=n, port=p), range(2)))
+    fsdp = torch.load(runs["fsdp"] / "model.pt", weights_only=True)
+    ddp = torch.load(runs["ddp"] / "model.pt", weights_only=True)
+    assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in ddp) < 1e-10
+    sharded, whole = _summary(runs["fsdp"]), _summary(runs["ddp"])
+    assert 2 * int(sharded["comm/average/bytes"]) == int(whole["comm/average/bytes"]) > 0
+
+
+@pytest.mark.slow
 def test_deepspeed_zero2_run_equals_ddp_groups(tmp_path: Path) -> None:
     """Through the trainer in float32: ZeRO-2 inside groups of 2 gives ddp groups' model,
     sending half the cross-group averaging bytes (each rank its fp32 partition, padded)."""
