@@ -88,11 +88,13 @@ class DDPEngine(EnginePart):
         self.optimizer = ctx.optimizer
         self.info = info
         self.meter = meter
-        self.grad_compression = ctx.grad_compression
         replicas = ctx.replicas
         self.replicas = replicas if replicas is not None and replicas.size > 1 else None
         """The replica group this rank steps with (``sync.replica_group`` > 1): gradients
         are reduced over its ranks at every step, over the world at mini-batch steps."""
+        # Inside a group every step reduces exactly over it; compression is for the sync
+        # across groups (mini-batch steps with compression are refused there).
+        self.grad_compression = ctx.grad_compression if self.replicas is None else None
         self.hook_state: _HookState | None = None
         backend = ctx.facts.compile_backend
         self.wrapped: DistributedDataParallel | None = None
@@ -129,9 +131,9 @@ class DDPEngine(EnginePart):
             init_sync=False,
             gradient_as_bucket_view=True,
         )
-        if ctx.grad_compression is not None:
-            ctx.grad_compression.bind(module)
-            wrapped.register_comm_hook(ctx.grad_compression, compressed_hook)
+        if self.grad_compression is not None:
+            self.grad_compression.bind(module)
+            wrapped.register_comm_hook(self.grad_compression, compressed_hook)
         else:
             self.hook_state = _HookState(meter, info.world_size)
             wrapped.register_comm_hook(self.hook_state, _counting_allreduce)

@@ -49,6 +49,15 @@ def group_size(value: str, local_world_size: int | None) -> int | None:
     return int(value) if value.isdecimal() else None
 
 
+def group_count(value: str, world_size: int | None,
+                local_world_size: int | None) -> int | None:
+    """G = world / S, the workers the sync parts see; None where unknown or not whole."""
+    size = group_size(value, local_world_size)
+    if world_size is None or not size or world_size % size:
+        return None
+    return world_size // size
+
+
 def group_problems(value: str, world_size: int | None,
                    local_world_size: int | None) -> list[str]:
     """The launch rule of ``sync.replica_group``: S divides the workers per node."""
@@ -65,9 +74,34 @@ def group_problems(value: str, world_size: int | None,
 @dataclass(frozen=True)
 class GroupInfo(DistInfo):
     """The launch as the sync parts see it: one worker per replica group, exchanging over
-    ``world_group`` (the ranks holding the same shard in every group)."""
+    ``world_group`` (the ranks holding the same shard in every group). ``rank`` and
+    ``world_size`` count groups; ``local_world_size`` the groups of one node."""
 
     world_group: Any = None
+    shard: int = 0
+    """This rank's place in its group: the shard (or replica) index it averages."""
+    group_size: int = 1
+    """S: ranks per group."""
+
+    def rank_of(self, worker: int) -> int:
+        """The launch rank holding this rank's shard in group ``worker`` (a gossip peer)."""
+        return worker * self.group_size + self.shard
+
+    def node_group(self) -> dist.ProcessGroup:
+        """The ranks of this node holding this rank's shard: the groups of one node average
+        there (hierarchical SGD). Every rank builds every (node, shard) group, in the same
+        order, and keeps its own."""
+        per_node = self.local_world_size
+        mine: dist.ProcessGroup | None = None
+        for node in range(self.num_nodes):
+            for shard in range(self.group_size):
+                ranks = [g * self.group_size + shard
+                         for g in range(node * per_node, (node + 1) * per_node)]
+                group = dist.new_group(ranks)
+                if node == self.node_rank and shard == self.shard:
+                    mine = group
+        assert mine is not None
+        return mine
 
 
 @dataclass
@@ -100,7 +134,8 @@ class Replicas:
         return GroupInfo(rank=self.index, world_size=self.groups,
                          local_rank=i.local_rank // self.size,
                          local_world_size=max(1, i.local_world_size // self.size),
-                         device=i.device, backend=i.backend, world_group=self.across)
+                         device=i.device, backend=i.backend, world_group=self.across,
+                         shard=i.rank % self.size, group_size=self.size)
 
 
 def build_replicas(value: str, info: DistInfo, mesh_needed: bool = False) -> Replicas:

@@ -4,8 +4,11 @@ With ``sync.replica_group`` > 1, or an engine that shards the model over its gro
 (``engine.name=fsdp``), a rank holds one shard of its group's model and averages it with the
 ranks holding the same shard in the other groups. A part runs there when it declares
 ``shards = True``: it touches only the tensors the engine hands it, over the process group
-its topology names. The others (graph gossip, compression, overlapped syncs, hierarchical
-node averages) are refused, one line each, saying what to set instead.
+(or the neighbours) its topology names. Every registered part does: codecs then compress
+each rank's shard of a tensor as that tensor (statistics and residuals per shard), gossip
+mixes a shard with the ranks holding it in the neighbouring groups, and hierarchical node
+averages run over a node's ranks of one shard. A part that does not declare it is refused,
+one line, saying which would run instead.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def grouped(value: str, facts: Facts) -> bool:
     return (size is None and value == NODE) or (size or 1) > 1
 
 
+def minibatch_steps(cfg: Any) -> bool:
+    """Whether the schedule of the ``sync`` section ``cfg`` takes mini-batch steps: always
+    (minibatch), or before a switch point after step 0 (post_local, hierarchical)."""
+    if str(cfg.algorithm) == "minibatch":
+        return True
+    switch = [getattr(cfg, key, None) for key in ("switch_step", "switch_epoch")]
+    return str(cfg.algorithm) in ("post_local", "hierarchical") and any(
+        s is not None and s > 0 for s in switch)
+
+
 def replica_problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
                      selectors: dict[str, Registry[Any]], name_of: Any) -> list[str]:
     """The launch rule of ``sync.replica_group`` and one line per chosen part that cannot
@@ -47,6 +60,13 @@ def replica_problems(cfg: Any, facts: Facts, chosen: dict[str, Any],
         return out
     who = (f"engine.name={facts.engine}" if sharded else f"sync.replica_group={value}")
     back = ("sync.replica_group=1 and engine.name=ddp" if sharded else "sync.replica_group=1")
+    method = str(getattr(getattr(cfg, "compression", None), "method", "none"))
+    if method != "none" and minibatch_steps(cfg):
+        out.append(f"sync.compression.method={method} with {who}: mini-batch steps across "
+                   f"replica groups reduce gradients exactly (only model deltas are "
+                   f"compressed there yet), so sync.algorithm={cfg.algorithm} would not "
+                   "compress its gradients; use sync.algorithm=local (or no mini-batch "
+                   f"phase), or {back}")
     for key, part in chosen.items():
         if getattr(part, "shards", False):
             continue

@@ -80,6 +80,9 @@ def _wire(payload: Any) -> torch.Tensor:
 @REDUCERS.register
 class Choco(Reducer):
     name = "choco"
+    shards = True
+    """Public copies are kept per tensor slice the engine hands it: across replica groups,
+    per shard, so their memory is / S (``sync/sharding.py``)."""
     exact = False
     """The result is a step towards the neighbours' public copies, not the mean."""
     Config = ChocoKeys

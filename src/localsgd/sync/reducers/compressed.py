@@ -172,6 +172,9 @@ class Pending:
 @REDUCERS.register
 class Compressed(Reducer):
     name = "compressed"
+    shards = True
+    """Runs across replica groups on each rank's own shard, which the codec takes for the
+    tensor (statistics per shard; ``sync/sharding.py``)."""
     exact = False
     carries = DELTA
     """Buffers and momentum that travel with the parameters take the exact mean."""

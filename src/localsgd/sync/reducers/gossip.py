@@ -20,6 +20,9 @@ from localsgd.sync.reducers.base import Reducer
 @REDUCERS.register
 class GossipMix(Reducer):
     name = "gossip"
+    shards = True
+    """Mixes whatever tensors the engine hands it: across replica groups, each rank's own
+    shards with its neighbours' (``sync/sharding.py``)."""
     exact = False
     """The result is a neighbourhood's weighted mean, not the mean of every worker."""
 

@@ -79,6 +79,9 @@ def fragment_of(sizes: list[int], parts: int) -> list[list[int]]:
 @RUNNERS.register
 class Overlapped(Part):
     name = "overlapped"
+    shards = True
+    """Snapshots and corrects whatever tensors the engine hands it, so each rank's own
+    shards across replica groups (``sync/sharding.py``)."""
     Config = OverlapKeys
 
     @classmethod

@@ -35,6 +35,9 @@ class HierarchicalKeys(PostLocalKeys):
 @dataclass(frozen=True)
 class Hierarchical(Schedule):
     name = "hierarchical"
+    shards = True
+    """Runs across replica groups: a node's groups average each shard over the node's
+    ranks that hold it (``GroupInfo.node_group``; ``sync/sharding.py``)."""
     Config = HierarchicalKeys
     scopes = (NODE, GLOBAL)
     block_period: int = 1

@@ -33,7 +33,9 @@ class Complete(Topology):
         self.info = info
         self.node_group: dist.ProcessGroup | None = None
         if NODE in scopes:
-            self.node_group, _ = node_groups(info)
+            # Across replica groups, a node's groups average each shard over its column.
+            column = getattr(info, "node_group", None)
+            self.node_group = column() if column is not None else node_groups(info)[0]
 
     def group(self, scope: str) -> tuple[dist.ProcessGroup | None, int]:
         """(process group, its size) for ``scope``; None is the default (world) group."""

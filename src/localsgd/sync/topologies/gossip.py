@@ -27,6 +27,7 @@ they share.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from localsgd.config.domains import NON_NEGATIVE, domain
 from localsgd.launch.env import DistInfo
+from localsgd.launch.replicas import group_count
 from localsgd.registry import Facts
 from localsgd.sync.capabilities import CONSENSUS, MODEL_AVERAGES, NEIGHBOURS, WHOLE_SYNCS
 from localsgd.sync.schedules.base import GLOBAL, MIX
@@ -107,6 +109,9 @@ class Gossip(Topology):
     """A topology whose syncs mix with graph neighbours (a subclass names the graph)."""
 
     gossip: ClassVar[bool] = True
+    shards = True
+    """Runs across replica groups: a neighbour is the rank holding this rank's shard in the
+    neighbouring group (``sync/sharding.py``)."""
     reducer: ClassVar[str] = "gossip"
     """The reducer ``sync.reducer=auto`` picks."""
     Config = GossipKeys
@@ -117,9 +122,12 @@ class Gossip(Topology):
     def check(cls, cfg: Any, facts: Facts) -> list[str]:
         p: list[str] = []
         key = f"sync.topology: {cls.name}"
-        if facts.world_size is not None:
+        # The graph joins workers: with replica groups, the groups.
+        workers = group_count(str(getattr(cfg, "replica_group", "1")), facts.world_size,
+                              facts.local_world_size)
+        if workers is not None:
             try:
-                cls.graph(facts.world_size)
+                cls.graph(workers)
             except graphs.GraphError as exc:
                 p.append(f"{key}: {exc}; launch another number of workers or choose "
                          "another topology")
@@ -143,6 +151,10 @@ class Gossip(Topology):
         self.info = info
         self.matrix = self.graph(info.world_size)
         self.hood = self._neighbourhood(self.matrix, info.rank)
+        rank_of = getattr(info, "rank_of", None)
+        if rank_of is not None:  # across replica groups: the rank holding this shard there
+            self.hood = dataclasses.replace(self.hood, peers=tuple(map(rank_of,
+                                                                       self.hood.peers)))
         self.exact_every = int(cfg.exact_every)
         self.rounds = 0
         """Global syncs started so far: the ``exact_every``-th ones are exact."""
@@ -172,5 +184,6 @@ class Gossip(Topology):
         return (self.hood, self.info.world_size) if self.mixes(scope) else self.everyone()
 
     def everyone(self) -> tuple[Any, int]:
-        """(group, size) over which the exact average of all workers is formed."""
-        return None, self.info.world_size
+        """(group, size) over which the exact average of all workers is formed: the world,
+        or across replica groups the ranks holding this rank's shard (``GroupInfo``)."""
+        return getattr(self.info, "world_group", None), self.info.world_size
