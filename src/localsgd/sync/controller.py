@@ -98,7 +98,8 @@ class SyncJob:
         """The recipe's update for a global sync; intra-node averages are plain copies."""
         if self.action != GLOBAL:
             return None
-        self.ctl.update.begin(self.step, self.ctl.inner_lr(self.step))
+        if self.ctl.begins:  # the learning rate costs a scheduler step the first time
+            self.ctl.update.begin(self.step, self.ctl.inner_lr(self.step))
         return self.ctl.update
 
     def tensors(self) -> tuple[list[torch.Tensor], int, range]:
@@ -236,6 +237,8 @@ class SyncController:
         self.keeps_consensus = (self.anchor is not None
                                 or type(self.update).at_consensus is not Update.at_consensus)
         """Whether a part takes the agreed model at consensus (``_at_consensus`` has work)."""
+        self.begins = type(self.update).begin is not Update.begin
+        """Whether the update hears when a global sync begins."""
         self._job_for: tuple[SyncTarget | None, Callable[[str], SyncJob] | None] = (None, None)
         self.parts: dict[str, Any] = {"schedule": self.schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
