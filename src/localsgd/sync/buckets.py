@@ -38,6 +38,14 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
     return dense.view(-1)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``flat_view`` of ``t`` detached; engines hand over ``.data``, which needs no detach
+    (one more op a tensor at every sync), and a contiguous tensor no function call."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.view(-1) if t.is_contiguous() else flat_view(t)
+
+
 def segments(sizes: list[int], capacity: int) -> Iterator[list[Segment]]:
     """Group slices of tensors with ``sizes`` elements into buckets of <= ``capacity``."""
     bucket: list[Segment] = []
@@ -112,9 +120,7 @@ class Bucketer:
         """
         for (dtype, device), idx in floating_groups(tensors).items():
             buf = self.buffer(dtype, device)
-            # Engines hand over ``.data``; a detach per tensor would be one more op each.
-            flat = [flat_view(t.detach() if t.requires_grad else t)
-                    for t in (tensors[i] for i in idx)]
+            flat = [_flat(tensors[i]) for i in idx]
             for segs in segments([t.numel() for t in flat], buf.numel()):
                 sizes = [end - start for _, start, end in segs]
                 view = buf[:sum(sizes)]
