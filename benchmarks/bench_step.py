@@ -18,9 +18,13 @@ one worker; 2 workers local SGD H=16; 2 workers H=1. Each worker is a process
 (``torch.multiprocessing`` spawn, gloo on loopback, ``--threads`` torch threads each). A
 measurement times ``--steps`` steps after ``--warmup`` untimed ones, between two barriers;
 ``--rounds`` rounds run hand, localsgd, hand, localsgd, ...; medians are reported, and the
-paired ratio (median over rounds of the ratio within a round). Then one more run of each
-with host clocks around the trainer's parts (``step_harness.clock_trainer``) gives host
-time per step by component. Prints tables, writes ``--out`` (JSON).
+paired ratio (median over rounds of the ratio within a round). Each rank also takes its
+process CPU time over the same steps (``time.process_time``), far less moved by other
+load on the machine than the wall clock; its ratio is hand / localsgd CPU ms per step
+(the mean over ranks), so that, as for steps/s, below 1 means localsgd works more. Then
+one more run of each with host clocks around the trainer's parts
+(``step_harness.clock_trainer``) gives host time per step by component. Prints tables,
+writes ``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -99,7 +103,8 @@ def run_job(job: dict[str, Any], rank: int, port: int, device: torch.device,
         except BaseException:
             print(printed.getvalue()[-4000:], file=sys.stderr)
             raise
-    out = {**job, "steps_per_s": case.steps / window.seconds}
+    out = {**job, "steps_per_s": case.steps / window.seconds,
+           "cpu_ms_per_step": window.cpu_seconds / case.steps * 1e3}
     if clock is not None:
         out["ms_per_step"] = h.breakdown(clock, case.steps, "trainer loop" if
                                          job["loop"] == "localsgd" else "loop")
@@ -118,9 +123,9 @@ def worker(rank: int, world: int, plan_file: str) -> None:
         if rank == 0:
             r = results[-1]
             print(f"  {r['case']['model']} {r['setup']} round {r['round']} {r['loop']}: "
-                  f"{r['steps_per_s']:.1f} steps/s", flush=True)
-    if rank == 0:
-        Path(plan["out"]).write_text(json.dumps(results))
+                  f"{r['steps_per_s']:.1f} steps/s, {r['cpu_ms_per_step']:.2f} CPU ms a "
+                  "step", flush=True)
+    Path(f"{plan['out']}.rank{rank}").write_text(json.dumps(results))
 
 
 def plan_jobs(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
@@ -153,7 +158,12 @@ def run_pool(args: argparse.Namespace, world: int, tmp: Path) -> list[dict[str, 
     plan_file.write_text(json.dumps(plan))
     mp.start_processes(worker, args=(world, str(plan_file)), nprocs=world,
                        start_method="spawn")
-    return json.loads(Path(plan["out"]).read_text())
+    ranks = [json.loads(Path(f"{plan['out']}.rank{r}").read_text()) for r in range(world)]
+    results = ranks[0]
+    for i, r in enumerate(results):  # rank 0's record, with every rank's CPU time
+        r["cpu_ms_per_step_ranks"] = [rank[i]["cpu_ms_per_step"] for rank in ranks]
+        r["cpu_ms_per_step"] = statistics.mean(r["cpu_ms_per_step_ranks"])
+    return results
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,25 +171,38 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         c = cases.setdefault((r["case"]["model"], r["setup"]), {
             "model": r["case"]["model"], "setup": r["setup"], **r["case"],
-            "hand_steps_per_s": [], "localsgd_steps_per_s": [], "ms_per_step": {}})
+            "hand_steps_per_s": [], "localsgd_steps_per_s": [], "hand_cpu_ms": [],
+            "localsgd_cpu_ms": [], "ms_per_step": {}})
         if r["clocked"]:
             c["ms_per_step"][r["loop"]] = r["ms_per_step"]
         else:
             c[f"{r['loop']}_steps_per_s"].append(r["steps_per_s"])
+            c[f"{r['loop']}_cpu_ms"].append(r["cpu_ms_per_step"])
     for c in cases.values():
         hand, ours = c["hand_steps_per_s"], c["localsgd_steps_per_s"]
         c["median_hand"], c["median_localsgd"] = statistics.median(hand), statistics.median(ours)
         c["ratio"] = c["median_localsgd"] / c["median_hand"]
         c["paired_ratio"] = statistics.median(o / x for o, x in zip(ours, hand, strict=True))
+        # CPU time per step, the mean over ranks; the ratio is hand / localsgd, so that,
+        # as for steps/s, below 1 means localsgd does more work per step.
+        hand_cpu, ours_cpu = c["hand_cpu_ms"], c["localsgd_cpu_ms"]
+        c["median_hand_cpu_ms"] = statistics.median(hand_cpu)
+        c["median_localsgd_cpu_ms"] = statistics.median(ours_cpu)
+        c["cpu_ratio"] = c["median_hand_cpu_ms"] / c["median_localsgd_cpu_ms"]
+        c["cpu_paired_ratio"] = statistics.median(
+            x / o for o, x in zip(ours_cpu, hand_cpu, strict=True))
     return list(cases.values())
 
 
 def print_tables(cases: list[dict[str, Any]]) -> None:
-    print("\n| model | setup | hand steps/s | localsgd steps/s | localsgd / hand | paired |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| model | setup | hand steps/s | localsgd steps/s | localsgd / hand | paired | "
+          "hand CPU ms/step | localsgd CPU ms/step | CPU hand / localsgd | CPU paired |")
+    print("|---|---|" + "---:|" * 8)
     for c in cases:
         print(f"| {c['model']} | {c['setup']} | {c['median_hand']:.1f} | "
-              f"{c['median_localsgd']:.1f} | {c['ratio']:.3f} | {c['paired_ratio']:.3f} |")
+              f"{c['median_localsgd']:.1f} | {c['ratio']:.3f} | {c['paired_ratio']:.3f} | "
+              f"{c['median_hand_cpu_ms']:.2f} | {c['median_localsgd_cpu_ms']:.2f} | "
+              f"{c['cpu_ratio']:.3f} | {c['cpu_paired_ratio']:.3f} |")
     print("\nHost ms per step, clocked run (localsgd groups; engine = its own code + model "
           "forward + backward + optimizer step):")
     print("| model | setup | localsgd total | trainer | engine | (own) | (fwd/bwd/opt) | "

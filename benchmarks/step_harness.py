@@ -128,7 +128,11 @@ class ComponentClock:
 
 class Window:
     """Times steps ``warmup`` .. ``total`` between two barriers (the slowest rank counts);
-    ``on_start`` / ``on_stop`` run at the edges, inside the window (clocks, profilers)."""
+    ``on_start`` / ``on_stop`` run at the edges, inside the window (clocks, profilers).
+
+    It also takes this process's CPU time over the same steps (``time.process_time``: all
+    its threads, gloo's included), which other people's load on the machine moves far
+    less than the wall clock: time this process waits for a core is not in it."""
 
     def __init__(self, case: Case, device: torch.device,
                  on_start: Callable[[], None] | None = None,
@@ -136,7 +140,8 @@ class Window:
         self.case, self.device = case, device
         self.on_start, self.on_stop = on_start, on_stop
         self.seconds = float("nan")
-        self._t0 = 0.0
+        self.cpu_seconds = float("nan")
+        self._t0 = self._c0 = 0.0
 
     def after_step(self, step: int) -> None:
         if step == self.case.warmup:
@@ -144,12 +149,14 @@ class Window:
             if self.case.world > 1:
                 dist.barrier()
             self._t0 = time.perf_counter()
+            self._c0 = time.process_time()
             if self.on_start:
                 self.on_start()
         elif step == self.case.total:
             if self.on_stop:
                 self.on_stop()
             sync_device(self.device)
+            self.cpu_seconds = time.process_time() - self._c0  # not the barrier's wait
             if self.case.world > 1:
                 dist.barrier()
             self.seconds = time.perf_counter() - self._t0

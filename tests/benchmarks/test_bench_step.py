@@ -28,7 +28,9 @@ def test_quick_mode_measures_every_setup_and_averages_exactly(tmp_path: Path) ->
     cases = json.loads(out.read_text())["cases"]
     assert {c["setup"] for c in cases} == SETUPS
     for c in cases:
-        for key in ("median_hand", "median_localsgd", "ratio", "paired_ratio"):
+        for key in ("median_hand", "median_localsgd", "ratio", "paired_ratio",
+                    "median_hand_cpu_ms", "median_localsgd_cpu_ms", "cpu_ratio",
+                    "cpu_paired_ratio"):
             assert math.isfinite(c[key]) and c[key] > 0, (c["setup"], key, c[key])
         ours, hand = c["ms_per_step"]["localsgd"], c["ms_per_step"]["hand"]
         for part in ("engine", "model forward", "backward", "optimizer step",
@@ -82,3 +84,18 @@ def test_component_clock_cuts_calls_open_at_the_window_edges() -> None:
     clock.timed(body, "spanning")()
     assert math.isclose(clock.totals["spanning"], clock.window, rel_tol=1e-9)
     assert clock.window >= 0.02
+
+
+def test_window_takes_cpu_time_of_busy_steps_and_not_of_waiting() -> None:
+    """Between its edges the window's CPU time grows with work the process does, not with
+    time it spends asleep (as waiting for a core or a peer would be)."""
+    case = step_harness.Case("simplecnn", 8, 8, 1, 1, warmup=1, steps=1)
+    window = step_harness.Window(case, torch.device("cpu"))
+    window.after_step(1)
+    busy_until = time.process_time() + 0.05
+    while time.process_time() < busy_until:
+        pass
+    time.sleep(0.2)
+    window.after_step(2)
+    assert 0.05 <= window.cpu_seconds < 0.05 + 0.1
+    assert window.seconds >= 0.25

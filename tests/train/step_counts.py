@@ -27,8 +27,8 @@ STEPS = 4
 OPS_FROM = 2
 """The op window is steps OPS_FROM+1 .. OPS_FROM+STEPS, the call window the next STEPS."""
 PERIOD = 16
-"""H of the 2-worker case: no sync falls in either window (nor does train.log_every_steps'
-step 10)."""
+"""H of the 2-worker case between syncs: no sync falls in either window (nor does
+train.log_every_steps' step 10). With H=1 every step of both windows is a sync step."""
 
 
 class Counter:
@@ -62,19 +62,20 @@ class Counter:
                 "c_calls": self.c_calls / STEPS}
 
 
-def case(world: int) -> h.Case:
+def case(world: int, period: int = PERIOD) -> h.Case:
     """The tiny model (simplecnn at 8x8), batch 8; the windows end before the last step."""
-    return h.Case("simplecnn", 8, 8, world, PERIOD, OPS_FROM, 2 * STEPS + 2)
+    return h.Case("simplecnn", 8, 8, world, period, OPS_FROM, 2 * STEPS + 2)
 
 
 CPU = torch.device("cpu")
 
 
-def count(loop: str, world: int, device: torch.device = CPU) -> dict[str, float]:
+def count(loop: str, world: int, device: torch.device = CPU,
+          period: int = PERIOD) -> dict[str, float]:
     """Counts per step of ``loop`` (``hand`` or ``localsgd``) in this process (rank from
     the environment, process group as the loop needs it)."""
     counter = Counter()
-    c = case(world)
+    c = case(world, period)
     if loop == "hand":
         h.hand_loop(c, int(os.environ.get("RANK", "0")), device, counter)  # type: ignore[arg-type]
     else:
@@ -82,7 +83,7 @@ def count(loop: str, world: int, device: torch.device = CPU) -> dict[str, float]
     return counter.per_step()
 
 
-def _worker(rank: int, world: int, ports: list[int], out: str) -> None:
+def _worker(rank: int, world: int, ports: list[int], out: str, period: int) -> None:
     import torch.distributed as dist
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -91,15 +92,17 @@ def _worker(rank: int, world: int, ports: list[int], out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[1]}", rank=rank,
                             world_size=world)
-    hand = count("hand", world)
+    hand = count("hand", world, period=period)
     dist.destroy_process_group()
-    ours = count("localsgd", world)
+    ours = count("localsgd", world, period=period)
     if rank == 0:
         Path(out).write_text(json.dumps({"hand": hand, "localsgd": ours}))
 
 
-def count_two_workers(tmp: Path, ports: list[int]) -> dict[str, dict[str, float]]:
-    """Both loops in 2 gloo processes; rank 0's counts."""
+def count_two_workers(tmp: Path, ports: list[int],
+                      period: int = PERIOD) -> dict[str, dict[str, float]]:
+    """Both loops in 2 gloo processes, averaging every ``period`` steps; rank 0's counts."""
     out = tmp / "counts.json"
-    mp.start_processes(_worker, args=(2, ports, str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, ports, str(out), period), nprocs=2,
+                       start_method="spawn")
     return json.loads(out.read_text())

@@ -5,13 +5,16 @@ meter) -> the consensus distance -> applying the result (the update). Only param
 measured and given the recipe's update; buffers and momentum that travel with them are
 copied.
 
-``average`` does all of it at once through one bucket of memory. ``start`` / ``complete`` /
-``apply`` split it for syncs that run behind local steps: ``start`` snapshots the tensors
-and launches the same collectives (same buckets, so the same calls and bytes), ``complete``
-waits for them, and ``apply`` adds the sync's effect on the snapshot to the tensors as they
-are by then: theta <- theta + (update(snapshot, reduced) - snapshot), which keeps the local
-progress made meanwhile. That costs two copies of what travels (the snapshot and the buffer
-being reduced).
+``average`` does all of it at once through one bucket of memory: one ``cat`` fills it, one
+call copies a plain average back, and the consensus distance is one sum of squares per
+bucket over its parameters (taken before the reduction from the bucket's parameter part),
+left on the device as a ``Distance`` until it is logged, so a sync makes no host read.
+``start`` / ``complete`` / ``apply`` split it for syncs that run behind local steps:
+``start`` snapshots the tensors and launches the same collectives (same buckets, so the
+same calls and bytes), ``complete`` waits for them, and ``apply`` adds the sync's effect on
+the snapshot to the tensors as they are by then: theta <- theta + (update(snapshot,
+reduced) - snapshot), which keeps the local progress made meanwhile. That costs two copies
+of what travels (the snapshot and the buffer being reduced).
 
 A reducer that is not ``exact`` (gossip) returns a neighbourhood's mix, not the mean: the
 distance to it is no consensus distance, so those syncs report nan, unless the job measured
@@ -81,6 +84,24 @@ class InFlight:
                    launched=int(state.get("launched", -1)))
 
 
+class Distance:
+    """A consensus distance not yet read: the squared distance of each bucket, as a
+    tensor on the device. A sync launches its few ops and goes on; the host reads the
+    value (one transfer per bucket) only when something asks for it (``float``)."""
+
+    def __init__(self, squares: list[torch.Tensor]) -> None:
+        self.squares = squares
+        self.value: float | None = None
+
+    def __float__(self) -> float:
+        if self.value is None:
+            sq = 0.0
+            for t in self.squares:
+                sq += float(t)
+            self.value, self.squares = math.sqrt(sq), []
+        return self.value
+
+
 class Averager:
     def __init__(self, meter: CommMeter, bucketer: Bucketer, reducer: Any,
                  anchor: Anchor | None = None) -> None:
@@ -99,41 +120,65 @@ class Averager:
 
         Returns this worker's Euclidean distance from the average over those ``params``.
         """
+        return float(self.average_lazily(tensors, group, size, kind, params, update, out))
+
+    def average_lazily(self, tensors: list[torch.Tensor], group: dist.ProcessGroup | None,
+                       size: int, kind: str = "average", params: int = 0, update: Any = None,
+                       out: list[torch.Tensor] | None = None) -> Distance | float:
+        """``average``, with the distance left on the device until it is read."""
         targets = out if out is not None else tensors
         if len(targets) != len(tensors):
             raise ValueError("out must match tensors one to one")
         # Elements travel in memory order (``flat_view``), so a target must be laid out like
         # its source for element k to land where it came from.
-        if any(t.is_floating_point() and t.stride() != s.stride()
-               for t, s in zip(targets, tensors, strict=True)):
+        if out is not None and any(t.is_floating_point() and t.stride() != s.stride()
+                                   for t, s in zip(targets, tensors, strict=True)):
             raise ValueError("out must have the memory layout of tensors (e.g. both "
                              "channels_last)")
-        dst = [flat_view(t.detach()) for t in targets]
         if self.reducer.carries == DELTA:
+            dst = [flat_view(t.detach()) for t in targets]
             self._average_delta(tensors, group, size, self.reducer.kind(kind), update, dst)
             return math.nan
-        sq = 0.0
+        # In place, a slice's target is its own ``local`` view, which the bucket made.
+        dst = [flat_view(t.detach()) for t in out] if out is not None else None
+        measures = getattr(self.reducer, "exact", True)
+        copies = update is None or getattr(update, "copies", False)
+        squares: list[torch.Tensor] = []
         kind = self.reducer.kind(kind)
         for bucket in self.bucketer.fill(tensors):
+            # Parameters come first in every bucket (``tensors`` lists them first).
+            n_params = sum([s.packed.numel() for s in bucket.slices if s.index < params])
+            before = bucket.flat[:n_params].clone() if measures and n_params else None
             result = self._reduce(bucket, group, size, kind)
-            for s in bucket.slices:
-                n = s.local.numel()
-                reduced = result[s.pos:s.pos + n]
-                target = dst[s.index][s.start:s.start + n]
+            if before is not None:
+                squares.append(before.sub_(result[:n_params]).double().square_().sum())
+            reduced = result.split([s.packed.numel() for s in bucket.slices])
+            outs = [s.local for s in bucket.slices] if dst is None else [
+                dst[s.index] if p.numel() == dst[s.index].numel() else
+                dst[s.index][s.start:s.start + p.numel()]
+                for s, p in zip(bucket.slices, reduced, strict=True)]
+            if copies:
+                torch._foreach_copy_(outs, reduced)
+                continue
+            for s, mean, target in zip(bucket.slices, reduced, outs, strict=True):
                 if s.index < params:
-                    sq += squared_distance(s.local, reduced)
-                if s.index < params and update is not None:
-                    update.apply(s.index, s.start, s.local, reduced, target)
+                    update.apply(s.index, s.start, s.local, mean, target)
                 else:
-                    target.copy_(reduced)
-        return self._distance(sq)
+                    target.copy_(mean)
+        if not measures:
+            return math.nan
+        return Distance(squares)
 
     def _reduce(self, bucket: Any, group: Any, size: int, kind: str) -> torch.Tensor:
         """One bucket through the reducer, launched and landed, counted under ``kind``."""
         nbytes = self.reducer.payload_bytes(bucket.flat, group, bucket.slices)
-        with self.meter.timed(kind, nbytes):
-            work = self.reducer.start(bucket.flat, group, bucket.slices)
-            return self.reducer.finish(work, bucket.flat, size)
+        # ``meter.timed`` by hand: its context manager costs six Python calls a bucket.
+        started = time.perf_counter()
+        work = self.reducer.start(bucket.flat, group, bucket.slices)
+        result = self.reducer.finish(work, bucket.flat, size)
+        elapsed = time.perf_counter() - started
+        self.meter.record(kind, nbytes, elapsed, wait_s=elapsed)
+        return result
 
     def _average_delta(self, params: list[torch.Tensor], group: Any, size: int, kind: str,
                        update: Any, dst: list[torch.Tensor]) -> None:

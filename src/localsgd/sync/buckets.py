@@ -38,6 +38,14 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
     return dense.view(-1)
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``flat_view`` of ``t`` detached; engines hand over ``.data``, which needs no detach
+    (one more op a tensor at every sync), and a contiguous tensor no function call."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.view(-1) if t.is_contiguous() else flat_view(t)
+
+
 def segments(sizes: list[int], capacity: int) -> Iterator[list[Segment]]:
     """Group slices of tensors with ``sizes`` elements into buckets of <= ``capacity``."""
     bucket: list[Segment] = []
@@ -112,15 +120,22 @@ class Bucketer:
         """
         for (dtype, device), idx in floating_groups(tensors).items():
             buf = self.buffer(dtype, device)
-            flat = [flat_view(tensors[i].detach()) for i in idx]
+            flat = [_flat(tensors[i]) for i in idx]
             for segs in segments([t.numel() for t in flat], buf.numel()):
-                n = sum(end - start for _, start, end in segs)
-                view = buf[:n]
+                sizes = [end - start for _, start, end in segs]
+                view = buf[:sum(sizes)]
+                # Whole tensors go in as they are, and one cat fills the bucket: one kernel
+                # and one call for any number of tensors, where a copy each costs a launch.
+                sources = [flat[j] if end - start == flat[j].numel() else flat[j][start:end]
+                           for j, start, end in segs]
+                if len(sources) == 1:
+                    view.copy_(sources[0])
+                else:
+                    torch.cat(sources, out=view)
                 slices: list[Slice] = []
                 pos = 0
-                for j, start, end in segs:
-                    packed = view[pos:pos + end - start]
-                    packed.copy_(flat[j][start:end])
-                    slices.append(Slice(idx[j], start, pos, flat[j][start:end], packed))
-                    pos += end - start
+                for (j, start, _), src, packed in zip(segs, sources, view.split(sizes),
+                                                      strict=True):
+                    slices.append(Slice(idx[j], start, pos, src, packed))
+                    pos += packed.numel()
                 yield Bucket(view, slices)

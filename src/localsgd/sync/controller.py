@@ -9,6 +9,7 @@ on which ones they are. Observers see every step and sync without patching anyth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from localsgd.launch.env import DistInfo
 from localsgd.sync.accounting import CommMeter
 from localsgd.sync.anchor import Anchor
-from localsgd.sync.averager import Averager, InFlight
+from localsgd.sync.averager import Averager, Distance, InFlight
 from localsgd.sync.buckets import Bucketer, flat_view
 from localsgd.sync.parts import PART_KINDS, REDUCERS, SECTION, MomentumPolicy, state_on_cpu
 from localsgd.sync.reducers.base import DELTA, Reducer
@@ -73,8 +74,14 @@ class SyncObserver:
 class SyncEvent:
     step: int
     action: str
-    distance: float
-    """This worker's ||theta_i - theta_avg|| just before the average."""
+    measured: float | Distance
+    """What the sync measured, read on the host only when ``distance`` is first asked for
+    (the log of the epoch's syncs), so a sync never waits for the device."""
+
+    @property
+    def distance(self) -> float:
+        """This worker's ||theta_i - theta_avg|| just before the average."""
+        return float(self.measured)
 
 
 class SyncJob:
@@ -91,7 +98,8 @@ class SyncJob:
         """The recipe's update for a global sync; intra-node averages are plain copies."""
         if self.action != GLOBAL:
             return None
-        self.ctl.update.begin(self.step, self.ctl.inner_lr(self.step))
+        if self.ctl.begins:  # the learning rate costs a scheduler step the first time
+            self.ctl.update.begin(self.step, self.ctl.inner_lr(self.step))
         return self.ctl.update
 
     def tensors(self) -> tuple[list[torch.Tensor], int, range]:
@@ -119,7 +127,7 @@ class SyncJob:
             return None
         return self.ctl.exact.distance(self.target.sync_params(), *self.ctl.topology.everyone())
 
-    def run(self) -> float:
+    def run(self) -> float | Distance:
         tensors, params, _ = self.tensors()
         measured = self._measured()
         # The last average of a run is exact whatever the topology or reducer (the saved
@@ -130,12 +138,13 @@ class SyncJob:
         group = self.ctl.topology.everyone() if self.final else self.ctl.topology.group(
             self.action)
         if not exact and self.ctl.reducer.carries == DELTA:
-            distance = averager.average(tensors[:params], *group, params=params,
-                                        update=self._update())
+            distance = averager.average_lazily(tensors[:params], *group, params=params,
+                                               update=self._update())
             if len(tensors) > params:
                 self.ctl.exact.average(tensors[params:], *group)
         else:
-            distance = averager.average(tensors, *group, params=params, update=self._update())
+            distance = averager.average_lazily(tensors, *group, params=params,
+                                               update=self._update())
         if self.action == GLOBAL and self.ctl.anchor is not None:
             self.ctl.anchor.step = self.step  # the update moved it to this sync's result
         if exact and self.action == GLOBAL:
@@ -225,6 +234,12 @@ class SyncController:
         self.resumed: tuple[int, bool] | None = None
         """(step, whether the workers agreed then) of the checkpoint this run resumed from:
         a fact of the checkpoint, which a recipe with other sync steps would misjudge."""
+        self.keeps_consensus = (self.anchor is not None
+                                or type(self.update).at_consensus is not Update.at_consensus)
+        """Whether a part takes the agreed model at consensus (``_at_consensus`` has work)."""
+        self.begins = type(self.update).begin is not Update.begin
+        """Whether the update hears when a global sync begins."""
+        self._job_for: tuple[SyncTarget | None, Callable[[str], SyncJob] | None] = (None, None)
         self.parts: dict[str, Any] = {"schedule": self.schedule, "topology": self.topology,
                                       "reducer": self.reducer, "update": self.update,
                                       "runner": self.runner, "period_rule": self.period_rule}
@@ -252,6 +267,8 @@ class SyncController:
             self._at_consensus(target)
 
     def _at_consensus(self, target: SyncTarget) -> None:
+        if not self.keeps_consensus:
+            return
         if self.schedule.phase(self.step) == LOCAL and self.in_consensus():
             params = target.sync_params()
             if self.anchor is not None:
@@ -282,23 +299,35 @@ class SyncController:
                     or self.agreed == self.step)
         return self.runner.in_consensus(self.schedule, self.step)
 
-    def _record(self, done: list[tuple[int, str, float]], target: SyncTarget) -> None:
+    def _record(self, done: list[tuple[int, str, float | Distance]],
+                target: SyncTarget) -> None:
         # An engine holding shards measures its shard's distance; it knows the whole's.
         whole = getattr(target, "whole_distance", None)
+        # Only observers that listen to syncs make the host read the distance now.
+        listening = [o for o in self.observers
+                     if type(o).after_sync is not SyncObserver.after_sync]
         for step, action, distance in done:
-            distance = whole(distance) if whole is not None else distance
+            distance = whole(float(distance)) if whole is not None else distance
             self.events.append(SyncEvent(step, action, distance))
-            for o in self.observers:
-                o.after_sync(step, action, distance, target)
+            for o in listening:
+                o.after_sync(step, action, float(distance), target)
 
-    def _jobs(self, target: SyncTarget) -> Any:
-        return lambda action: SyncJob(self, target, action)
+    def _jobs(self, target: SyncTarget) -> Callable[[str], SyncJob]:
+        """``job(action)``: a sync of ``target``; one function kept per target, not one
+        made at every step."""
+        held, job = self._job_for
+        if held is not target or job is None:
+            job = functools.partial(SyncJob, self, target)
+            self._job_for = (target, job)
+        return job
 
     def after_step(self, target: SyncTarget) -> str | None:
         """Count the optimizer step just taken, apply syncs that are due, start a new one if
         the schedule says so."""
         self.step += 1
-        self._record(self.runner.poll(self.step, self._jobs(target)), target)
+        done = self.runner.poll(self.step, self._jobs(target))
+        if done:
+            self._record(done, target)
         action = self.schedule.action_after(self.step)
         if action is not None and self.info.world_size > 1:
             action = self.topology.round(action)
@@ -306,7 +335,7 @@ class SyncController:
                 o.before_sync(self.step, action, target)
             self._record(self.runner.submit(self.step, action, SyncJob(self, target, action)),
                          target)
-        if self.info.world_size > 1:
+        if self.keeps_consensus and self.info.world_size > 1:
             self._at_consensus(target)
         for o in self.observers:
             o.after_step(self.step, action, target)

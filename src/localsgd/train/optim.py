@@ -80,10 +80,12 @@ class LRCurve:
         self._values = [self._opt.param_groups[0]["lr"]]
 
     def __call__(self, step: int) -> float:
-        with warnings.catch_warnings():
-            # No optimizer step is taken here; the scheduler's order warning does not apply.
-            warnings.simplefilter("ignore", UserWarning)
-            while len(self._values) <= step:
-                self._sched.step()
-                self._values.append(self._opt.param_groups[0]["lr"])
+        if step >= len(self._values):  # a step seen before costs no warnings filter
+            with warnings.catch_warnings():
+                # No optimizer step is taken here; the scheduler's order warning does not
+                # apply.
+                warnings.simplefilter("ignore", UserWarning)
+                while len(self._values) <= step:
+                    self._sched.step()
+                    self._values.append(self._opt.param_groups[0]["lr"])
         return float(self._values[step])

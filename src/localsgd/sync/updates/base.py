@@ -26,6 +26,12 @@ class Update(Part):
         """
         raise NotImplementedError
 
+    @property
+    def copies(self) -> bool:
+        """Whether ``apply`` writes the reduced values unchanged: the averager then copies a
+        whole bucket's slices in one call instead of calling ``apply`` once per slice."""
+        return False
+
     uses_anchor: ClassVar[bool] = False
     """Whether the sync must keep an anchor for this update."""
     anchor_on_cpu: bool = False

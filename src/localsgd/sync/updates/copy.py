@@ -19,6 +19,11 @@ class Copy(Update):
     def __init__(self, cfg: Any) -> None:
         pass
 
+    @property
+    def copies(self) -> bool:
+        # A subclass that overrides ``apply`` does more than copy.
+        return type(self).apply is Copy.apply
+
     def apply(self, index: int, start: int, local: torch.Tensor, reduced: torch.Tensor,
               out: torch.Tensor) -> None:
         out.copy_(reduced)
