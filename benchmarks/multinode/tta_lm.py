@@ -126,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/lm3-text-cache"))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="only write the table and plots of an earlier (or stopped) sweep")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        return report(args.report, json.loads(args.report.read_text())["runs"],
+                      args.target_bpb)
     use_prefix(args.prefix)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -158,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     except netem.NotRootError as exc:
         print(f"tta_lm: error: {exc}", file=sys.stderr)
         return 1
-    plot_runs([r["run_dir"] for r in rows if r["ok"]], args.out / f"tta-lm-{stamp}")
-    text = table(rows, args.target_bpb)
+    return report(path, rows, args.target_bpb)
+
+
+def report(path: Path, rows: list[dict[str, Any]], target_bpb: float) -> int:
+    """PATH's sweep as PATH.md (the table) and the plots of its runs in PATH without .json."""
+    plot_runs([r["run_dir"] for r in rows if r["ok"]], path.with_suffix(""))
+    text = table(rows, target_bpb)
     path.with_suffix(".md").write_text(text + "\n")
     print(text)
-    print(f"wrote {path}, {path.with_suffix('.md')} and plots in {args.out / f'tta-lm-{stamp}'}")
+    print(f"wrote {path.with_suffix('.md')} and plots in {path.with_suffix('')}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
