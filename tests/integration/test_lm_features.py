@@ -3,7 +3,7 @@
 Default tier, in process (one worker, a one-process gloo group), a few steps on real
 Shakespeare windows: bf16 autocast against fp32, ``train.compile`` against eager, and the
 DeepSpeed engine in fp32 (equal to DDP) and bf16. Slow tier, under ``localsgd study`` (two
-real torchrun jobs of 2 gloo workers, about 2 minutes on 2 shared cores):
+real torchrun jobs of 2 gloo workers, 30 s to 2.5 minutes on 2 shared cores):
 the SparseLoCo recipe blocking and overlapped, whose compressed syncs send exactly the bytes
 of the codec's formula on the GPT's tensors, and whose study table carries each run's bits
 per byte. W&B offline files, bitwise resume and DeepSpeed on 2 workers are covered on the LM
