@@ -44,12 +44,33 @@ def common_args(args: argparse.Namespace, run_dir: Path) -> list[str]:
             f"run.dir={run_dir}"]
 
 
-def time_to(records: list[dict[str, Any]], acc: float) -> float | None:
-    """First wall time at which an evaluation reached ``acc`` (same rule as the trainer)."""
+def time_to(records: list[dict[str, Any]], target: float, key: str = "eval/acc",
+            below: bool = False) -> float | None:
+    """First wall time at which an evaluation reached ``target`` in ``key`` (at least it, or
+    at most it with ``below``: a loss); the trainer's rule."""
     for rec in records:
-        if rec.get("eval/acc") is not None and rec["eval/acc"] >= acc:
+        value = rec.get(key)
+        if value is not None and (value <= target if below else value >= target):
             return float(rec["time/wall_s"])
     return None
+
+
+def run_recorded(nodes: int, train_args: list[str], run_dir: Path, timeout_s: float
+                 ) -> tuple[netem.JobResult, dict[str, Any], list[dict[str, Any]]]:
+    """One job across the (already built) nodes, one worker each: its result, its
+    ``summary.json`` (empty when it failed) and its metrics records."""
+    job = netem.run_job(nodes, 1, train_args, loopback=False, log_dir=run_dir / "logs",
+                        timeout_s=timeout_s)
+    summary = json.loads((run_dir / "summary.json").read_text()) if job.ok else {}
+    metrics = run_dir / "metrics.jsonl"
+    text = metrics.read_text() if metrics.exists() else ""
+    return job, summary, [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[str], plot_dir: Path) -> None:
+    """``localsgd plot`` of the runs (curves against epochs, tokens, wall time, bytes)."""
+    subprocess.run([str(Path(sys.executable).with_name("localsgd")), "plot", *run_dirs,
+                    "--out", str(plot_dir)], check=False)
 
 
 def sync_figures(records: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
@@ -91,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         with netem.Session(netem.Topology(args.nodes, args.rate)):
             for name, overrides in runs.items():
                 run_dir = work / name
-                job = netem.run_job(args.nodes, 1, [*common_args(args, run_dir), *overrides],
-                                    loopback=False, log_dir=run_dir / "logs", timeout_s=1200)
-                summary = json.loads((run_dir / "summary.json").read_text()) if job.ok else {}
-                metrics = run_dir / "metrics.jsonl"
-                text = metrics.read_text() if metrics.exists() else ""
-                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+                job, summary, records = run_recorded(
+                    args.nodes, [*common_args(args, run_dir), *overrides], run_dir, 1200)
                 evals = [{"epoch": r.get("epoch"), "eval/acc": r["eval/acc"],
                           "time/wall_s": r.get("time/wall_s")}
                          for r in records if "eval/acc" in r]
@@ -116,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows.values():
         r["time_to_common_best_s"] = time_to(r["evals"], common)
     plot_dir = args.out / f"tta-{stamp}"
-    subprocess.run([str(Path(sys.executable).with_name("localsgd")), "plot",
-                    *(r["run_dir"] for r in rows.values()), "--out", str(plot_dir)], check=False)
+    plot_runs([r["run_dir"] for r in rows.values()], plot_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tta-{stamp}.json"
     path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},

@@ -50,6 +50,16 @@ def test_classify_builds_the_datasets_and_model_it_always_built() -> None:
     assert task.metrics("eval", 6.0, 3.0, 4.0) == {"eval/loss": 1.5, "eval/acc": 0.75}
 
 
+def test_each_task_names_its_own_axes_and_rates() -> None:
+    """Samples for every task; the LM adds tokens (context per window) beside them."""
+    image, lm = build_task(load_config(TINY)), build_task(load_config(LM, ["data.context=16"]))
+    assert image.progress(40) == {"samples": 40}
+    assert image.throughput(40, 8.0) == {"throughput/samples_per_s": 5.0}
+    assert lm.progress(40) == {"samples": 40, "tokens": 640}
+    assert lm.throughput(640, 8.0) == {"throughput/samples_per_s": 5.0,
+                                       "throughput/tokens_per_s": 80.0}
+
+
 def test_token_cross_entropy_equals_an_independent_one() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)

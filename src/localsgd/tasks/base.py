@@ -53,6 +53,16 @@ class Task:
         """Loss terms per dataset sample (1 for a class label, the context for a window)."""
         return 1
 
+    def progress(self, samples: int) -> dict[str, int]:
+        """What ``samples`` samples over all workers amount to, for the x axes of records:
+        samples, and the task's own unit beside them where it has one (tokens)."""
+        return {"samples": samples}
+
+    def throughput(self, units: float, seconds: float) -> dict[str, float]:
+        """Rates of ``units`` loss terms consumed in ``seconds``: samples per second, and the
+        task's own unit per second beside it where it has one."""
+        return {"throughput/samples_per_s": units / self.units_per_sample() / max(seconds, 1e-9)}
+
     def to_device(self, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                   dtype: torch.dtype, layout: torch.memory_format
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,6 +100,13 @@ class LanguageModel(Task):
     def units_per_sample(self) -> int:
         return int(self.data_cfg.context)
 
+    def progress(self, samples: int) -> dict[str, int]:
+        return {"samples": samples, "tokens": samples * self.units_per_sample()}
+
+    def throughput(self, units: float, seconds: float) -> dict[str, float]:
+        return {**super().throughput(units, seconds),
+                "throughput/tokens_per_s": units / max(seconds, 1e-9)}
+
     def metrics(self, prefix: str, loss_sum: float, correct: float, count: float
                 ) -> dict[str, float]:
         return cross_entropy_metrics(prefix, loss_sum, correct, count)

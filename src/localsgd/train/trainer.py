@@ -345,12 +345,9 @@ class Trainer:
             "sync/phase": self.schedule.phase(max(self.controller.step - 1, 0)),
             "sync/period": self.schedule.effective_period(max(self.controller.step - 1, 0)),
             "sync/count": len(events),
-            "throughput/samples_per_s": count / self.task.units_per_sample()
-            / max(st.epoch_seconds, 1e-9),
+            **self.task.throughput(count, st.epoch_seconds),
             **self.timer.pop(),
         }
-        if self.task.unit == "tokens":
-            record["throughput/tokens_per_s"] = count / max(st.epoch_seconds, 1e-9)
         measured = [d for d in distances if not math.isnan(d)]
         if measured:  # gossip syncs that were not measured carry nan
             record["sync/consensus_distance"] = sum(measured) / len(measured)
@@ -373,10 +370,7 @@ class Trainer:
         """Samples (and tokens) consumed so far over all workers, for the x axes."""
         samples = self.controller.step * self.info.world_size * self.cfg.data.batch_size \
             * self.cfg.train.grad_accum
-        out: dict[str, Any] = {"samples": samples}
-        if self.task.unit == "tokens":
-            out["tokens"] = samples * self.task.units_per_sample()
-        return out
+        return dict(self.task.progress(samples))
 
     def _track(self, evaluated: dict[str, Any], start: float) -> None:
         """Best values so far and the first time the targets were met."""
@@ -450,7 +444,8 @@ class Trainer:
             "eval/acc": self.last_eval.get("eval/acc"), "eval/best_acc": self.state.best_acc,
             "eval/loss": self.last_eval.get("eval/loss"), **final,
             "eval/best_loss": self.state.best_loss, **progress,
-            "time/wall_s": wall, "throughput/samples_per_s": samples / max(wall, 1e-9),
+            "time/wall_s": wall,
+            **self.task.throughput(samples * self.task.units_per_sample(), wall),
             "step": self.controller.step, "epoch": self.state.epoch,
             "world_size": info.world_size, "sync/algorithm": cfg.sync.algorithm,
             "sync/topology": cfg.sync.topology,
@@ -461,8 +456,6 @@ class Trainer:
             **{f"sync/extra_bytes/{k}": v for k, v in self.controller.extra_memory().items()},
             **self.meter.flat(),
         }
-        if "tokens" in progress:
-            summary["throughput/tokens_per_s"] = progress["tokens"] / max(wall, 1e-9)
         # A sharded engine gathers the whole model (every rank takes part).
         full = getattr(self.engine, "full_state_dict", None)
         model_state = full() if full is not None else None
