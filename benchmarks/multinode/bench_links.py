@@ -168,13 +168,16 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
     loopback = rate == "loopback"
     args = train_args(variant, steps, batch, nodes * variant.nproc_per_node, run_dir)
     torchft = variant.replica_groups
+    load_before = netem.os.getloadavg()[0]
     job = netem.run_job(nodes, variant.nproc_per_node, args,
                         loopback=loopback, log_dir=run_dir / "logs", entry=variant.entry,
                         own_job=torchft, node_extra_env=replica_env(nodes) if torchft else None,
                         sidecar=lighthouse_argv(nodes) if torchft else None)
     row: dict[str, Any] = {"variant": variant.name, "rate": rate, "nodes": nodes,
                            "nproc_per_node": variant.nproc_per_node, "ok": job.ok,
-                           "job_wall_s": job.wall_s, "node_results": [asdict(n) for n in job.nodes]}
+                           "job_wall_s": job.wall_s, "node_results": [asdict(n) for n in job.nodes],
+                           # 1-minute load average before and after: the 2 cores are shared.
+                           "loadavg": [load_before, netem.os.getloadavg()[0]]}
     summary_path = run_dir / "summary.json"
     if not job.ok or not summary_path.exists():
         return row
@@ -184,6 +187,7 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
         "step": s["step"], "wall_s": s["time/wall_s"], "steps_per_s": s["step"] / s["time/wall_s"],
         "samples_per_s": s["throughput/samples_per_s"],
         "comm": {k: v for k, v in s.items() if k.startswith("comm/")},
+        "peer": {k: v for k, v in s.items() if k.startswith("peer/")},
         "max_rss_mib": max(n.max_rss_kib for n in job.nodes) / 1024,
         "sync_extra_bytes": s.get("sync/extra_bytes"),
         "steady_steps_per_s": steady_rate(run_dir, s),

@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_links  # noqa: E402 - a sibling script
 import netem  # noqa: E402
+import peer_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BOUND = "no-comm"
@@ -55,9 +56,8 @@ GROUPS = {
     # against its own recipe's no-sync run; the peer column is torchft's streaming DiLoCo.
     "sparse4": Group("no-comm-sparseloco", "sparseloco-H4", "torchft-H4-f2-d1",
                      ("no-comm-sparseloco", "sparseloco-H4", "sparseloco-H4-o1",
-                      "sparseloco-H4-o2", "sparseloco-H4-o1-f2", "torchft-no-sync",
-                      "torchft-H4", "torchft-H4-per-tensor", "torchft-H4-f2-d1",
-                      "torchft-H4-f2-d1-q")),
+                      "sparseloco-H4-o1-f2", "torchft-no-sync", "torchft-H4",
+                      "torchft-H4-f2-d1", "torchft-H4-f2-d1-q")),
 }
 
 
@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     bench_links.add_marginal(rows, {n: GROUPS[g].bound for g in groups for n in GROUPS[g].names})
     text = table(rows, rates, groups)
+    if "sparse4" in groups:
+        text += "\n\n" + "\n\n".join(peer_table.table(rows, rate) for rate in rates)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"cpus": netem.os.cpu_count(), "shaper": topo.shaper, "steps": args.steps,

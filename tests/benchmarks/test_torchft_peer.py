@@ -80,3 +80,35 @@ def test_marginal_bytes_use_each_groups_own_bound() -> None:
     bench.add_marginal(rows, {"sparseloco-H4": "no-comm-sparseloco"})
     assert rows[2]["marginal_wire_ratio"] == pytest.approx(1.05)
     assert rows[3]["marginal_wire_ratio"] == pytest.approx(0.95)
+
+
+def test_peer_table_ratios_bytes_and_dropped_commits() -> None:
+    sys.path.insert(0, str(HERE))
+    table_mod = importlib.import_module("peer_table")
+    sys.path.remove(str(HERE))
+
+    def row(variant: str, rnd: int, sps: float, sync: int, commits: tuple[int, int] | None,
+            ) -> dict[str, object]:
+        peer = {} if commits is None else {"peer/commits": commits[0],
+                                           "peer/commit_failures": commits[1]}
+        return {"variant": variant, "rate": "20mbit", "round": rnd, "steady_steps_per_s": sps,
+                "comm": {"comm/average/bytes": sync, "comm/bytes": sync + 10},
+                "peer": peer, "flat_ring": True, "ring_factor": 1.0,
+                "engine_bytes_per_rank": sync + 10, "wire_tx_mean": 2.0 * sync + 100,
+                "wire_tx_mean_minus_headers": 2.0 * sync}
+
+    rows = [r for rnd, (a, b, c) in enumerate([(10.0, 9.0, 6.0), (8.0, 8.0, 5.0),
+                                               (9.0, 8.1, 6.0)])
+            for r in (row("no-comm-sparseloco", rnd, a, 100, None),
+                      row("sparseloco-H4-o1", rnd, b, 1100, None),
+                      row("torchft-no-sync", rnd, a, 0, (0, 0)),
+                      row("torchft-H4-f2-d1", rnd, c, 100_000, (32, 0)),
+                      row("torchft-H4-f2-d1-q", rnd, a, 100_000, (0, 32)))]
+    text = table_mod.table(rows)
+    ours = next(line for line in text.splitlines() if line.startswith("| sparseloco-H4-o1 |"))
+    # Medians of each round's ratio: 0.9, 1.0, 0.9 to the bound; 1.5, 1.6, 1.35 to torchft.
+    assert "| 0.90 | 1.50 |" in ours and "| 0.0110 |" in ours
+    # The wire doubles the engine's added bytes here (2 x 1000 over 1000).
+    assert ours.endswith("| 2.000 |")
+    assert "| torchft-H4-f2-d1-q (syncs dropped) |" in text
+    assert "| 32 / 0 |" in text and "| 0 / 32 |" in text
