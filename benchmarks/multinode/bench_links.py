@@ -15,7 +15,7 @@ import datetime
 import json
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,42 @@ RECIPE = netem.REPO / "recipes" / "tests" / "tiny_synthetic.yaml"
 HEADER_BYTES = 66
 
 
+SPARSELOCO = netem.REPO / "recipes" / "cifar10" / "resnet20_sparseloco.yaml"
+# What tiny_synthetic.yaml sets that a CIFAR-10 recipe does not: in-memory data, no workers.
+SYNTHETIC_RECIPE = ("data.num_workers=0", "data.augment=false")
+SPARSELOCO_RUNS = {
+    "no-comm-sparseloco": ("sync.period=100000",),
+    "sparseloco-H4": ("sync.period=4",),
+    "sparseloco-H4-o1": ("sync.period=4", "sync.overlap_steps=1"),
+    "sparseloco-H4-o2": ("sync.period=4", "sync.overlap_steps=2"),
+    "sparseloco-H4-o1-f2": ("sync.period=4", "sync.overlap_steps=1", "sync.fragments=2"),
+}
+TORCHFT_RUNS = {
+    # No sync within the run: torchft's inner loop alone (its DiLoCo hooks, no collective).
+    "torchft-no-sync": ("--ft-period=100000",),
+    "torchft-H4": ("--ft-period=4", "--ft-bucketize"),
+    "torchft-H4-per-tensor": ("--ft-period=4",),
+    "torchft-H4-f2-d1": ("--ft-period=4", "--ft-fragments=2", "--ft-delay=1", "--ft-bucketize"),
+    "torchft-H4-f2-d1-q": ("--ft-period=4", "--ft-fragments=2", "--ft-delay=1",
+                           "--ft-bucketize", "--ft-quantize"),
+}
+LIGHTHOUSE_PORT = 29510
+
+
+def lighthouse_argv(replicas: int) -> list[str]:
+    """torchft's lighthouse (shipped in its wheel), waiting for every replica group."""
+    return [str(Path(sys.executable).with_name("torchft_lighthouse")),
+            "--min_replicas", str(replicas), "--bind", f"[::]:{LIGHTHOUSE_PORT}",
+            "--join_timeout_ms", "10000"]
+
+
+def replica_env(replicas: int) -> Callable[[int], dict[str, str]]:
+    def env(i: int) -> dict[str, str]:
+        return {"TORCHFT_LIGHTHOUSE": f"http://{netem.node_ip(0)}:{LIGHTHOUSE_PORT}",
+                "REPLICA_GROUP_ID": str(i), "NUM_REPLICA_GROUPS": str(replicas)}
+    return env
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -37,6 +73,10 @@ class Variant:
     nproc_per_node: int = 1
     entry: Path | None = None
     """Worker script instead of ``torchrun_entry.py`` (same recipe argv)."""
+    recipe: Path | None = None
+    """Recipe instead of ``tiny_synthetic.yaml`` (data and length overridden alike)."""
+    replica_groups: bool = False
+    """torchft: each node its own one-node job, joined by a lighthouse on node 0."""
 
 
 VARIANTS = {v.name: v for v in (
@@ -77,6 +117,14 @@ VARIANTS = {v.name: v for v in (
             "powersgd_entry.py"),
     Variant("ring-H4-measured", ("sync.algorithm=local", "sync.period=4", "sync.topology=ring",
                                  "sync.consensus_every=1")),
+    # The SparseLoCo recipe at H=4 (inner AdamW, clipping, chunked top-k 2-bit deltas with
+    # decayed error feedback, outer SGD), its no-communication bound, and torchft's DiLoCo on
+    # the same inner loop (torchft_worker.py) at the same period.
+    *(Variant(name, (*SYNTHETIC_RECIPE, *extra), recipe=SPARSELOCO)
+      for name, extra in SPARSELOCO_RUNS.items()),
+    *(Variant(name, (*SYNTHETIC_RECIPE, *extra), entry=HERE / "torchft_worker.py",
+              recipe=SPARSELOCO, replica_groups=True)
+      for name, extra in TORCHFT_RUNS.items()),
 )}
 
 
@@ -86,7 +134,7 @@ def train_args(variant: Variant, steps: int, batch: int, workers: int,
     # (the trainer) or restarts the loader (both), which would land inside the steady window
     # of one engine and not the other's. Every variant evaluates exactly once, at the end.
     samples = max(4096, (steps + 16) * batch * workers)
-    return [str(RECIPE), "data.name=synthetic", "data.image_size=32",
+    return [str(variant.recipe or RECIPE), "data.name=synthetic", "data.image_size=32",
             f"data.synthetic_samples={samples}", f"data.batch_size={batch}",
             "model.name=resnet20", f"train.max_steps={steps}", "train.progress=false",
             "train.log_every_steps=16", "run.checkpoint_every_epochs=0", "run.resume=false",
@@ -119,11 +167,17 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
     run_dir = out / "runs" / rate / variant.name
     loopback = rate == "loopback"
     args = train_args(variant, steps, batch, nodes * variant.nproc_per_node, run_dir)
+    torchft = variant.replica_groups
+    load_before = netem.os.getloadavg()[0]
     job = netem.run_job(nodes, variant.nproc_per_node, args,
-                        loopback=loopback, log_dir=run_dir / "logs", entry=variant.entry)
+                        loopback=loopback, log_dir=run_dir / "logs", entry=variant.entry,
+                        own_job=torchft, node_extra_env=replica_env(nodes) if torchft else None,
+                        sidecar=lighthouse_argv(nodes) if torchft else None)
     row: dict[str, Any] = {"variant": variant.name, "rate": rate, "nodes": nodes,
                            "nproc_per_node": variant.nproc_per_node, "ok": job.ok,
-                           "job_wall_s": job.wall_s, "node_results": [asdict(n) for n in job.nodes]}
+                           "job_wall_s": job.wall_s, "node_results": [asdict(n) for n in job.nodes],
+                           # 1-minute load average before and after: the 2 cores are shared.
+                           "loadavg": [load_before, netem.os.getloadavg()[0]]}
     summary_path = run_dir / "summary.json"
     if not job.ok or not summary_path.exists():
         return row
@@ -133,6 +187,7 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
         "step": s["step"], "wall_s": s["time/wall_s"], "steps_per_s": s["step"] / s["time/wall_s"],
         "samples_per_s": s["throughput/samples_per_s"],
         "comm": {k: v for k, v in s.items() if k.startswith("comm/")},
+        "peer": {k: v for k, v in s.items() if k.startswith("peer/")},
         "max_rss_mib": max(n.max_rss_kib for n in job.nodes) / 1024,
         "sync_extra_bytes": s.get("sync/extra_bytes"),
         "steady_steps_per_s": steady_rate(run_dir, s),
@@ -161,17 +216,21 @@ def measure(variant: Variant, rate: str, nodes: int, steps: int, batch: int,
     return row
 
 
-def add_marginal(rows: list[dict[str, Any]]) -> None:
-    """Wire-vs-engine ratio of the bytes a variant adds over no-comm at the same rate.
+def add_marginal(rows: list[dict[str, Any]], bounds: dict[str, str] | None = None) -> None:
+    """Wire-vs-engine ratio of the bytes a variant adds over its bound at the same rate.
 
     Rendezvous, DDP's initial broadcast (rank 0 sends, the others do not, yet each rank counts
     the payload) and the final evaluation are the same in every run; subtracting the no-comm
-    run cancels them and leaves the all-reduces that the sync mode itself adds.
+    run cancels them and leaves the all-reduces that the sync mode itself adds. ``bounds``
+    names each variant's own bound (default ``no-comm``); rows with a ``round`` are compared
+    with the bound of the same round.
     """
-    base = {r["rate"]: r for r in rows if r["variant"] == "no-comm" and "wire_tx_mean" in r}
+    bounds = bounds or {}
+    base = {(r["rate"], r["variant"], r.get("round")): r for r in rows
+            if "wire_tx_mean" in r}
     for r in rows:
-        b = base.get(r["rate"])
-        if b is None or not r.get("flat_ring") or r is b:
+        b = base.get((r["rate"], bounds.get(r["variant"], "no-comm"), r.get("round")))
+        if b is None or not r.get("flat_ring") or r is b or "wire_tx_mean" not in r:
             continue
         extra_engine = _expected(r) - _expected(b)
         if extra_engine <= 0:

@@ -24,13 +24,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = REPO / "torchrun_entry.py"
-PREFIX = "lsgd"
+# Namespaces, veths and the bridge are named from this prefix; cleanup removes only its own
+# (``<prefix>-*``), so harness runs with different prefixes can share one machine.
+PREFIX = os.environ.get("LSGD_NETEM_PREFIX", "lsgd")
 BRIDGE_NS = f"{PREFIX}-br"
 BRIDGE = f"{PREFIX}br0"
 SUBNET = "10.77.0"
@@ -204,14 +206,20 @@ def worker_threads(total_workers: int) -> int:
 
 def node_command(i: int, nodes: int, nproc: int, train_args: Sequence[str], *,
                  loopback: bool, master_port: int = MASTER_PORT,
-                 torchrun: str | None = None, entry: Path | None = None) -> list[str]:
+                 torchrun: str | None = None, entry: Path | None = None,
+                 own_job: bool = False) -> list[str]:
     """The argv that starts node i's torchrun agent (pure: tested without root).
 
     ``entry`` is the worker script (default ``torchrun_entry.py``); it gets ``train_args``.
+    ``own_job``: every node is a torchrun job of its own (one node, its store on the node's
+    own address), as torchft's replica groups are; they meet through torchft's lighthouse.
     """
     torchrun = torchrun or str(Path(sys.executable).with_name("torchrun"))
-    master = "127.0.0.1" if loopback else node_ip(0)
-    cmd = [torchrun, f"--nnodes={nodes}", f"--node-rank={i}", f"--nproc-per-node={nproc}",
+    if own_job and loopback:
+        raise ValueError("own_job runs need the namespaces (each node its own address)")
+    master = "127.0.0.1" if loopback else node_ip(i if own_job else 0)
+    nnodes, rank = (1, 0) if own_job else (nodes, i)
+    cmd = [torchrun, f"--nnodes={nnodes}", f"--node-rank={rank}", f"--nproc-per-node={nproc}",
            f"--master-addr={master}", f"--master-port={master_port}", "--max-restarts=0",
            str(entry or ENTRY), *train_args]
     return cmd if loopback else _ns(node_ns(i), *cmd)
@@ -266,27 +274,42 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_job(nodes: int, nproc: int, train_args: Sequence[str], *, loopback: bool,
-            log_dir: Path, timeout_s: float = 900.0, entry: Path | None = None) -> JobResult:
+            log_dir: Path, timeout_s: float = 900.0, entry: Path | None = None,
+            own_job: bool = False, node_extra_env: Callable[[int], dict[str, str]] | None = None,
+            sidecar: Sequence[str] | None = None) -> JobResult:
     """Start every node's agent, wait for all, and return exit codes, peak RSS, wire bytes.
 
-    The namespaces must already exist (``setup``) unless ``loopback``.
+    The namespaces must already exist (``setup``) unless ``loopback``. ``own_job``: one
+    torchrun job per node (``node_command``); ``node_extra_env(i)`` adds to node i's
+    environment; ``sidecar`` is a service started in node 0's namespace before the agents and
+    stopped after them (torchft's lighthouse); its traffic is in the veth counts.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port() if loopback else MASTER_PORT
     before = None if loopback else [link_counters(i) for i in range(nodes)]
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
+    side: subprocess.Popen[bytes] | None = None
     start = time.monotonic()
     try:
+        if sidecar:
+            log = open(log_dir / "sidecar.log", "wb")  # noqa: SIM115 - closed in finally
+            logs.append(log)
+            side = subprocess.Popen(list(sidecar) if loopback else _ns(node_ns(0), *sidecar),
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            time.sleep(1.0)  # bound before the first agent asks for it
         for i in range(nodes):
             log = open(log_dir / f"node{i}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(log)
+            env = node_env(i, nodes, nproc, loopback=loopback)
+            if node_extra_env is not None:
+                env.update(node_extra_env(i))
             # Own session: a Ctrl-C or timeout can kill the agent *and* its workers.
             procs.append(subprocess.Popen(
                 node_command(i, nodes, nproc, train_args, loopback=loopback, master_port=port,
-                             entry=entry),
-                env=node_env(i, nodes, nproc, loopback=loopback), stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True))
+                             entry=entry, own_job=own_job),
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         results: dict[int, tuple[int, int]] = {}
         pending = {p.pid: i for i, p in enumerate(procs)}
         while pending:
@@ -312,6 +335,9 @@ def run_job(nodes: int, nproc: int, train_args: Sequence[str], *, loopback: bool
             if p.returncode is None:
                 _kill_group(p)
                 p.wait()
+        if side is not None:
+            _kill_group(side)
+            side.wait()
         for log in logs:
             log.close()
     after = None if loopback else [link_counters(i) for i in range(nodes)]
