@@ -39,6 +39,13 @@ SUBNET = "10.77.0"
 MASTER_PORT = 29500
 
 
+def use_prefix(prefix: str) -> None:
+    """Name the namespaces, veths and bridge ``<prefix>...`` from now on (what
+    ``LSGD_NETEM_PREFIX`` does at import), for scripts that take the prefix as an option."""
+    global PREFIX, BRIDGE_NS, BRIDGE
+    PREFIX, BRIDGE_NS, BRIDGE = prefix, f"{prefix}-br", f"{prefix}br0"
+
+
 class NotRootError(RuntimeError):
     """Namespaces, veths and qdiscs need CAP_NET_ADMIN; refusing early beats half a topology."""
 

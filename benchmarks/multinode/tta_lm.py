@@ -36,14 +36,6 @@ TEXT = netem.REPO.parent / "shared" / "data" / "shakespeare"
 VARIANTS = ("minibatch", "diloco", "sparseloco")
 
 
-def use_prefix(prefix: str) -> None:
-    """Name the namespaces, veths and bridge ``<prefix>...`` instead of netem's default, so
-    this job can share a machine with another harness job (cleanup removes only ours)."""
-    netem.PREFIX = prefix
-    netem.BRIDGE_NS = f"{prefix}-br"
-    netem.BRIDGE = f"{prefix}br0"
-
-
 def train_args(args: argparse.Namespace, variant: str, seed: int, run_dir: Path) -> list[str]:
     cap = args.minibatch_steps if variant == "minibatch" else args.steps
     return [str(RECIPES / f"gpt_tiny_{variant}.yaml"), f"run.dir={run_dir}", f"seed={seed}",
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", default="20mbit")
     ap.add_argument("--nodes", type=int, default=2, help="emulated nodes, one worker each")
-    ap.add_argument("--prefix", default="lm3", help="namespace, veth and bridge name prefix")
+    ap.add_argument("--prefix", default=netem.PREFIX, help="namespace, veth and bridge name prefix")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--target-bpb", type=float, default=3.0)
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=16)
     ap.add_argument("--test-subset", type=int, default=512, help="validation windows")
     ap.add_argument("--data", type=Path, default=TEXT)
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/lm3-text-cache"))
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/localsgd-text-cache"))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--report", type=Path, default=None, metavar="JSON",
@@ -132,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         return report(args.report, json.loads(args.report.read_text())["runs"],
                       args.target_bpb)
-    use_prefix(args.prefix)
+    netem.use_prefix(args.prefix)
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

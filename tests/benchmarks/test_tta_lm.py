@@ -53,7 +53,7 @@ def test_at_target_is_the_first_evaluation_at_or_below_it() -> None:
 def test_its_namespaces_carry_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PREFIX", "BRIDGE_NS", "BRIDGE"):
         monkeypatch.setattr(netem, name, getattr(netem, name))  # restored after the test
-    tta_lm.use_prefix("lm9")
+    netem.use_prefix("lm9")
     assert (netem.node_ns(1), netem.node_if(1), netem.BRIDGE_NS, netem.BRIDGE) == (
         "lm9-n1", "lm91", "lm9-br", "lm9br0")
     assert netem.node_command(1, 2, 1, ["r.yaml"], loopback=False)[:4] == [
