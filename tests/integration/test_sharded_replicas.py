@@ -4,6 +4,7 @@ DDP replicas inside a group, local / post-local / outer sync across the groups."
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -237,3 +238,40 @@ def test_fsdp_shards_resume_bitwise_after_a_killed_worker(tmp_path: Path,
     a = torch.load(clean / "model.pt", weights_only=True)
     b = torch.load(killed / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fewer_groups_of_the_same_size_merge_the_shards_like_ddp_groups(
+        tmp_path: Path) -> None:
+    """A checkpoint of 2 groups x 2 shards resumed as 1 group x 2: each new rank averages
+    the old ranks that held its shard (model, AdamW moments, outer anchor and momentum), to
+    the model ddp groups reach by merging whole replicas the same way. Another S is one line."""
+    common = ["sync.replica_group=2", "sync.algorithm=local", "sync.period=3",
+              "sync.update=outer", "sync.outer.momentum=0.9", "sync.outer.nesterov=true",
+              "sync.outer.lr=0.7", "optim.name=adamw", "optim.base_lr=0.001",
+              "model.dtype=float64", "run.checkpoint_every_epochs=1"]
+    runs = {e: tmp_path / e for e in ("fsdp", "ddp")}
+    for engine, run in runs.items():
+        torchrun(synthetic_args(run, f"engine.name={engine}", *common, "train.epochs=1"),
+                 nproc=4)
+        if engine == "fsdp":
+            shutil.copytree(run, tmp_path / "other_s")
+        proc = torchrun(synthetic_args(run, f"engine.name={engine}", *common,
+                                       "train.epochs=2"), nproc=2)
+        assert "written by 4 workers, now 2" in proc.stdout, proc.stdout[-2000:]
+    fsdp = torch.load(runs["fsdp"] / "model.pt", weights_only=True)
+    ddp = torch.load(runs["ddp"] / "model.pt", weights_only=True)
+    assert fsdp.keys() == ddp.keys()
+    assert max(float((fsdp[k] - ddp[k]).abs().max()) for k in fsdp) < 1e-10
+    # Merging every old rank (shards of both indices mixed) would give another model; the
+    # ddp groups' merge of whole replicas cannot mix them.
+    proc = torchrun(synthetic_args(tmp_path / "other_s", "engine.name=fsdp",
+                                   *common[1:], "sync.replica_group=1", "train.epochs=2"),
+                    nproc=2, check=False, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("localsgd: error") == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "- sync.replica_group:" in line]
+    assert len(lines) == 1 and "sync.replica_group: the checkpoint holds fsdp shards of " \
+        "groups of 2 ranks, this launch makes groups of 1" in lines[0], proc.stderr[-3000:]
+    assert "exitcode: 2" in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr

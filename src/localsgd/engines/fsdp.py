@@ -95,12 +95,20 @@ class FSDPEngine(EnginePart):
                      "set optim.grad_clip=0, or use engine.name=ddp")
         return p
 
-    @classmethod
-    def merge_states(cls, states: list[dict[str, Any]]) -> dict[str, Any]:
-        raise ConfigError([
-            "engine.name: fsdp checkpoints hold one shard per rank and cannot be merged for "
-            "another number of ranks yet; resume with the launch that wrote them, or start "
-            "fresh with run.resume=false (or another run.dir)"])
+    def merge_sources(self, states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Of the states of every old rank (in rank order), those holding this rank's shard
+        index: a change in the number of groups with S fixed merges shard by shard (the
+        engine's ``merge_states`` and the sync parts' then average these only)."""
+        size = self.replicas.size
+        old = {int(s["engine"].get("fsdp_layout", [0, 0])[1]) for s in states}
+        if old != {size}:
+            raise ConfigError([
+                f"sync.replica_group: the checkpoint holds fsdp shards of groups of "
+                f"{'/'.join(map(str, sorted(old)))} ranks, this launch makes groups of {size}; "
+                "a resume may change the number of groups but not their size, so resume with "
+                "the sync.replica_group that wrote it, or start fresh with run.resume=false "
+                "(or another run.dir)"])
+        return states[self.info.rank % size::size]
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:
         replicas = ctx.replicas
@@ -233,12 +241,15 @@ class FSDPEngine(EnginePart):
                 "fsdp_layout": self._layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("fsdp_layout") != self._layout():
+        # Shards of another world with the same S have the same shapes (a merged resume
+        # averages them per shard index); another S does not.
+        layout = state.get("fsdp_layout")
+        if not layout or layout[1] != self.replicas.size:
             raise ConfigError([
                 f"engine.name: the checkpoint holds fsdp shards of a layout "
-                f"{state.get('fsdp_layout')} ([ranks, sync.replica_group]), this launch is "
-                f"{self._layout()}; resume with the launch that wrote it, or start fresh with "
-                "run.resume=false (or another run.dir)"])
+                f"{layout} ([ranks, sync.replica_group]), this launch is "
+                f"{self._layout()}; resume with the sync.replica_group that wrote it, or "
+                "start fresh with run.resume=false (or another run.dir)"])
         with torch.no_grad():
             live = self.module.state_dict()
             for key, value in state["model"].items():
