@@ -1,6 +1,6 @@
 """Cross-node veth bytes per global sync: sharded replica groups against today's runs (root).
 
-    python benchmarks/multinode/bench_sharded_links.py [--prefix sh3] [--steps 32]
+    python benchmarks/multinode/bench_sharded_links.py [--prefix NAME] [--steps 32]
 
 Two emulated nodes of two ranks each (``netem.py`` namespaces named ``<prefix>-*``, one real
 torchrun agent per node, gloo over the veths, ResNet-20 on synthetic 32x32 data). Three
@@ -48,14 +48,6 @@ LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "fsdp-node": (("sync.algorithm=local", "sync.replica_group=node", "engine.name=fsdp"),
                   "sync.period"),
 }
-
-
-def use_prefix(prefix: str) -> None:
-    """Name the namespaces, veths and bridge ``<prefix>...``, so that this benchmark can run
-    while other harness jobs hold netem's default names (netem.py itself is unchanged)."""
-    netem.PREFIX = prefix
-    netem.BRIDGE_NS = f"{prefix}-br"
-    netem.BRIDGE = f"{prefix}br0"
 
 
 def interval_value(layout: str, every: int) -> int:
@@ -142,7 +134,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prefix", default="sh3", help="namespace, veth and bridge name prefix")
+    ap.add_argument("--prefix", default=netem.PREFIX, help="namespace, veth and bridge name prefix")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--many", type=int, default=2, help="global sync every N steps (run 1)")
@@ -156,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unknown layouts {sorted(unknown)}; choose from {list(LAYOUTS)}")
     if args.steps % args.many or args.steps % args.few or args.many % 2 or args.few % 2:
         ap.error("--many and --few must be even and divide --steps (both runs end on a sync)")
-    use_prefix(args.prefix)
+    netem.use_prefix(args.prefix)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = Path("/tmp") / f"{args.prefix}-sharded-links-{stamp}"
     rows: list[dict[str, Any]] = []

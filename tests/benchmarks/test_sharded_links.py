@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_multinode_harness import _load, netem
+from test_multinode_harness import _load
 
 links = _load("bench_sharded_links")
 
@@ -13,13 +13,6 @@ def test_interval_overrides_give_the_global_sync_every_n_steps() -> None:
     assert links.interval_value("hier-g1", 16) == 8
     assert links.interval_value("fsdp-node", 16) == 16
     assert "engine.name=fsdp" in links.LAYOUTS["fsdp-node"][0]
-
-
-def test_prefix_renames_only_this_jobs_namespaces(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ("PREFIX", "BRIDGE_NS", "BRIDGE"):
-        monkeypatch.setattr(netem, key, getattr(netem, key))
-    links.use_prefix("sh9")
-    assert (netem.node_ns(1), netem.node_if(1), netem.BRIDGE_NS) == ("sh9-n1", "sh91", "sh9-br")
 
 
 def _row(syncs: int, tx: tuple[int, int], engine: int) -> dict[str, object]:
