@@ -58,6 +58,57 @@ MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 second moments. Adam's step counts stay local (every worker has taken as many steps)."""
 
 
+class HeldTensors:
+    """The tensor lists an engine hands the sync, listed once instead of at every sync
+    (walking the module's generators is most of a small model's host time per sync).
+
+    Parameters and buffers are listed at the first ask: by then the engine has set them up,
+    and their storage stays put (the sync and checkpoint loads write into it). Momentum is
+    kept once every updated tensor has its optimizer state (it appears at the first step and
+    is then updated in place). ``forget_tensors`` drops all three: an engine calls it wherever
+    the tensors themselves can be replaced (a checkpoint's optimizer state is new tensors).
+    """
+
+    optimizer: torch.optim.Optimizer
+    _held_params: list[torch.Tensor] | None = None
+    _held_buffers: list[torch.Tensor] | None = None
+    _held_moments: list[torch.Tensor] | None = None
+
+    def list_params(self) -> list[torch.Tensor]:
+        """What ``sync_params`` hands over, listed afresh."""
+        raise NotImplementedError
+
+    def list_buffers(self) -> list[torch.Tensor]:
+        """What ``sync_buffers`` hands over, listed afresh."""
+        raise NotImplementedError
+
+    def sync_params(self) -> list[torch.Tensor]:
+        held = self._held_params
+        if held is None:
+            held = self._held_params = self.list_params()
+        return held
+
+    def sync_buffers(self) -> list[torch.Tensor]:
+        held = self._held_buffers
+        if held is None:
+            held = self._held_buffers = self.list_buffers()
+        return held
+
+    def momentum_buffers(self) -> list[torch.Tensor]:
+        held = self._held_moments
+        if held is not None:
+            return held
+        moments = momentum_tensors(self.optimizer)
+        if len(self.optimizer.state) == sum(len(g["params"])
+                                            for g in self.optimizer.param_groups):
+            self._held_moments = moments
+        return moments
+
+    def forget_tensors(self) -> None:
+        """The next sync lists its tensors afresh."""
+        self._held_params = self._held_buffers = self._held_moments = None
+
+
 def momentum_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The momentum tensors (see ``MOMENT_KEYS``), in parameter order, then key order
     (absent before the first step)."""

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from localsgd.engines.base import EnginePart, momentum_decays, momentum_tensors
+from localsgd.engines.base import EnginePart, HeldTensors, momentum_decays
 from localsgd.engines.groups import EvalTarget, saved_buffers
 from localsgd.engines.precision import Autocast
 from localsgd.engines.registry import ENGINES, EngineContext
@@ -79,7 +79,7 @@ def broadcast_state(module: nn.Module, meter: CommMeter) -> None:
 
 
 @ENGINES.register
-class DDPEngine(EnginePart):
+class DDPEngine(HeldTensors, EnginePart):
     name = "ddp"
 
     def __init__(self, cfg: Any, ctx: EngineContext) -> None:
@@ -204,15 +204,12 @@ class DDPEngine(EnginePart):
         self.amp.step(self.optimizer, self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
 
-    # SyncTarget
-    def sync_params(self) -> list[torch.Tensor]:
+    # SyncTarget (held lists: DDP never replaces the module's tensors)
+    def list_params(self) -> list[torch.Tensor]:
         return [p.data for p in self.module.parameters()]
 
-    def sync_buffers(self) -> list[torch.Tensor]:
+    def list_buffers(self) -> list[torch.Tensor]:
         return [b.data for b in self.module.buffers()]
-
-    def momentum_buffers(self) -> list[torch.Tensor]:
-        return momentum_tensors(self.optimizer)
 
     def momentum_decays(self) -> list[float | None]:
         return momentum_decays(self.optimizer)
@@ -245,6 +242,7 @@ class DDPEngine(EnginePart):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.forget_tensors()  # the loaded optimizer state is new tensors
         self.amp.load_state_dict(state.get("scaler", {}))
         if self.grad_compression is not None:
             self.grad_compression.load_state_dict(state.get("grad_compression", {}))

@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 from localsgd.config.errors import ConfigError
-from localsgd.engines.base import EnginePart, momentum_decays, momentum_tensors
+from localsgd.engines.base import EnginePart, HeldTensors, momentum_decays
 from localsgd.engines.deepspeed_config import (
     KEY,
     DeepSpeedKeys,
@@ -185,7 +185,7 @@ def _fp32_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
 
 
 @ENGINES.register
-class DeepSpeedEngine(EnginePart):
+class DeepSpeedEngine(HeldTensors, EnginePart):
     name = "deepspeed"
     Config = DeepSpeedKeys
 
@@ -339,19 +339,17 @@ class DeepSpeedEngine(EnginePart):
             self.ds.step()  # also clears the gradients
         self._micro = 0
 
-    # SyncTarget
-    def sync_params(self) -> list[torch.Tensor]:
+    # SyncTarget (held lists: the masters and ZeRO's flat partitions are set up once, and
+    # stages 1-2 write into them; stage 3, which swaps the weights' storage, is refused)
+    def list_params(self) -> list[torch.Tensor]:
         # ZeRO has no per-parameter masters: without groups it runs mini-batch SGD only
         # (its workers agree anyway); inside groups each rank's fp32 partitions travel.
         if self.zero_groups:
             return [t.data for t in self._updated_tensors()]
         return [m.data for _, _, m in self._pairs]
 
-    def sync_buffers(self) -> list[torch.Tensor]:
+    def list_buffers(self) -> list[torch.Tensor]:
         return [b.data for b in self.module.buffers()]
-
-    def momentum_buffers(self) -> list[torch.Tensor]:
-        return momentum_tensors(self.optimizer)
 
     def momentum_decays(self) -> list[float | None]:
         return momentum_decays(self.optimizer)
@@ -416,6 +414,7 @@ class DeepSpeedEngine(EnginePart):
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError:  # parameter groups of another layout (e.g. DDP's into ZeRO's)
             raise mismatch from None
+        self.forget_tensors()  # the loaded optimizer state is new tensors
         with torch.no_grad():
             if saved is not None:
                 for u, s in zip(updated, saved, strict=True):

@@ -177,7 +177,8 @@ class FSDPEngine(EnginePart):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    # SyncTarget: this rank's shards
+    # SyncTarget: this rank's shards, listed at every ask (FSDP swaps the module's
+    # parameters between sharded and whole ones around each forward and backward)
     def sync_params(self) -> list[torch.Tensor]:
         with torch.no_grad():
             return [local(p) for p in self.module.parameters()]

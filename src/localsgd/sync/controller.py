@@ -33,7 +33,9 @@ from localsgd.sync.updates.base import Update
 
 
 class SyncTarget(Protocol):
-    """What an engine shows the controller."""
+    """What an engine shows the controller. The lists may be the same objects at every
+    ask (an engine lists its tensors once): callers read them and write into the tensors,
+    never change the lists."""
 
     def sync_params(self) -> list[torch.Tensor]:
         """Tensors that define the model: for mixed precision, the fp32 master copy."""
