@@ -41,6 +41,8 @@ class Engine(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def merge_sources(self, states: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
 
 class EnginePart(Part):
     """Base of the registered engines."""
@@ -51,6 +53,11 @@ class EnginePart(Part):
         resumed with another world size (an engine whose state cannot be merged refuses it
         in ``load_state_dict``)."""
         return average_states(states)
+
+    def merge_sources(self, states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Of the old ranks' checkpoint states (in rank order), the ones this rank merges on
+        a resume with another world size: all of them, unless the engine holds shards."""
+        return states
 
 
 MOMENT_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")

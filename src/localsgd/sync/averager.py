@@ -108,6 +108,8 @@ class Averager:
         self.meter = meter
         self.bucketer = bucketer
         self.reducer = reducer
+        self.measures: bool = getattr(reducer, "exact", True)
+        """Whether a sync through this reducer gives the consensus distance (an exact one)."""
         self.anchor = anchor
         """The sync's anchor, which a reducer carrying pseudo-gradients needs."""
 
@@ -141,7 +143,7 @@ class Averager:
             return math.nan
         # In place, a slice's target is its own ``local`` view, which the bucket made.
         dst = [flat_view(t.detach()) for t in out] if out is not None else None
-        measures = getattr(self.reducer, "exact", True)
+        measures = self.measures
         copies = update is None or getattr(update, "copies", False)
         squares: list[torch.Tensor] = []
         kind = self.reducer.kind(kind)
@@ -200,7 +202,7 @@ class Averager:
                                    dst[s.index][s.start:s.start + n])
 
     def _distance(self, sq: float) -> float:
-        return math.sqrt(sq) if getattr(self.reducer, "exact", True) else math.nan
+        return math.sqrt(sq) if self.measures else math.nan
 
     def distance(self, params: list[torch.Tensor], group: Any, size: int,
                  kind: str = "consensus") -> float:

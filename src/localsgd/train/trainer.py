@@ -179,8 +179,7 @@ class Trainer:
             # momentum) at the beginning of the checkpoint's epoch, re-partitioned over the new
             # workers; the per-worker batch stays, so the LR follows the new global batch.
             # A sharded engine merges only the old ranks that held this rank's shard.
-            pick = getattr(self.engine, "merge_sources", None)
-            states = pick(states) if pick is not None else states
+            states = self.engine.merge_sources(states)
             state = states[0]
             self.engine.load_state_dict(type(self.engine).merge_states(
                 [s["engine"] for s in states]))
