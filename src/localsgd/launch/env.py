@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,22 @@ class DistInfo:
     def num_nodes(self) -> int:
         return self.world_size // self.local_world_size
 
+    world_group: Any = None
+    """The process group of the sync's exact averages: None, the world (``GroupInfo``: the
+    ranks holding this rank's shard in every replica group)."""
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def rank_of(self, worker: int) -> int:
+        """The launch rank that sync worker ``worker`` exchanges with (a gossip peer): the
+        worker itself (``GroupInfo``: the rank holding this rank's shard in that group)."""
+        return worker
+
+    def node_group(self) -> dist.ProcessGroup:
+        """The ranks of this node that average together (hierarchical SGD)."""
+        return node_groups(self)[0]
 
 
 def _env_int(name: str, default: int) -> int:

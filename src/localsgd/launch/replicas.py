@@ -77,7 +77,6 @@ class GroupInfo(DistInfo):
     ``world_group`` (the ranks holding the same shard in every group). ``rank`` and
     ``world_size`` count groups; ``local_world_size`` the groups of one node."""
 
-    world_group: Any = None
     shard: int = 0
     """This rank's place in its group: the shard (or replica) index it averages."""
     group_size: int = 1

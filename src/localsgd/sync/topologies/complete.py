@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from localsgd.launch.env import DistInfo, node_groups
+from localsgd.launch.env import DistInfo
 from localsgd.registry import Facts
 from localsgd.sync.capabilities import ALL_WORKERS, NODE_GROUPS
 from localsgd.sync.parts import TOPOLOGIES
@@ -34,8 +34,7 @@ class Complete(Topology):
         self.node_group: dist.ProcessGroup | None = None
         if NODE in scopes:
             # Across replica groups, a node's groups average each shard over its column.
-            column = getattr(info, "node_group", None)
-            self.node_group = column() if column is not None else node_groups(info)[0]
+            self.node_group = info.node_group()
 
     def group(self, scope: str) -> tuple[dist.ProcessGroup | None, int]:
         """(process group, its size) for ``scope``; None is the default (world) group."""
@@ -48,4 +47,4 @@ class Complete(Topology):
     def everyone(self) -> tuple[dist.ProcessGroup | None, int]:
         """(group, size) over which the exact average of all workers is formed: the world,
         or across replica groups the ranks holding this rank's shard (``GroupInfo``)."""
-        return getattr(self.info, "world_group", None), self.info.world_size
+        return self.info.world_group, self.info.world_size

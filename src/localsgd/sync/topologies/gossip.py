@@ -151,10 +151,9 @@ class Gossip(Topology):
         self.info = info
         self.matrix = self.graph(info.world_size)
         self.hood = self._neighbourhood(self.matrix, info.rank)
-        rank_of = getattr(info, "rank_of", None)
-        if rank_of is not None:  # across replica groups: the rank holding this shard there
-            self.hood = dataclasses.replace(self.hood, peers=tuple(map(rank_of,
-                                                                       self.hood.peers)))
+        # Across replica groups a peer is the rank holding this shard in the peer group.
+        self.hood = dataclasses.replace(self.hood, peers=tuple(map(info.rank_of,
+                                                                   self.hood.peers)))
         self.exact_every = int(cfg.exact_every)
         self.rounds = 0
         """Global syncs started so far: the ``exact_every``-th ones are exact."""
@@ -186,4 +185,4 @@ class Gossip(Topology):
     def everyone(self) -> tuple[Any, int]:
         """(group, size) over which the exact average of all workers is formed: the world,
         or across replica groups the ranks holding this rank's shard (``GroupInfo``)."""
-        return getattr(self.info, "world_group", None), self.info.world_size
+        return self.info.world_group, self.info.world_size
